@@ -1,0 +1,113 @@
+"""Public entry point ``perturbed_attention``: validation, backend choice, custom-op registration, FLOPs.
+
+The op ``torch.ops.headpag.perturbed_attention`` is registered with a fake implementation (output shaped
+like q) and a FLOP formula driven by the host-side plan, so ``torch.compile`` traces it without graph breaks
+and ``FlopCounterMode`` on the meta device sees its cost.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from .flops import attention_flops
+from .torch_path import torch_perturbed_attention
+from .validation import (
+    check_backend,
+    check_mode,
+    check_qkv,
+    check_scale,
+    normalize_u,
+    resolve_plan,
+)
+
+try:
+    from . import triton_kernel
+except ImportError:  # triton is optional: the torch path serves
+    triton_kernel = None
+
+HAS_TRITON = triton_kernel is not None
+
+
+@torch.library.custom_op("headpag::perturbed_attention", mutates_args=())
+def _perturbed_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    plan: list[int],
+    layout: str,
+    mode: str,
+    n_text: int,
+    text_first: bool,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:
+    kwargs = dict(layout=layout, mode=mode, n_text=n_text, text_first=text_first, scale=scale)
+    if backend == "triton":
+        return triton_kernel.triton_perturbed_attention(q, k, v, u, **kwargs)
+    plan_t = torch.tensor(plan, dtype=torch.int8).view(u.shape)
+    return torch_perturbed_attention(q, k, v, u, plan_t, **kwargs)
+
+
+@_perturbed_attention_op.register_fake
+def _perturbed_attention_fake(q, k, v, u, plan, layout, mode, n_text, text_first, scale, backend):
+    return q.new_empty(q.shape)
+
+
+@register_flop_formula(torch.ops.headpag.perturbed_attention)
+def _perturbed_attention_flops(q_shape, k_shape, v_shape, u_shape, plan, layout, mode, n_text, text_first, scale, backend, *args, out_shape=None, **kwargs) -> int:
+    N, D = (q_shape[2], q_shape[3]) if layout == "bhnd" else (q_shape[1], q_shape[3])
+    return attention_flops(plan, N, D, mode, n_text, backend)
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """``"auto"`` -> ``"triton"`` for CUDA tensors when triton is importable, else ``"torch"``."""
+    check_backend(backend)
+    if backend == "auto":
+        return "triton" if HAS_TRITON and q.device.type == "cuda" else "torch"
+    if backend == "triton" and not HAS_TRITON:
+        raise ValueError("backend='triton' needs the triton package (pip install 'headpag[triton]'); use backend='torch' or 'auto'")
+    return backend
+
+
+def perturbed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u,
+    *,
+    layout: str = "bhnd",
+    mode: str = "joint",
+    n_text: int = 0,
+    text_first: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+    plan=None,
+) -> torch.Tensor:
+    """Attention whose map, per (batch row, head), is ``(1 - u) * A + u * P`` (DESIGN.md, Semantics).
+
+    Args:
+        q, k, v: ``(B, H, N, D)`` for ``layout="bhnd"``, ``(B, N, H, D)`` for ``layout="bnhd"``; any strides.
+            One shape, dtype (float16, bfloat16, float32; float64 on the torch path) and device.
+        u: coefficients in [0, 1]: a scalar, ``(H,)`` or ``(B, H)``; a tensor or host-side numbers.
+        mode: ``"joint"`` (``P = I`` over the whole sequence) or ``"image"`` (``P`` = softmax with every
+            image-image pair but the diagonal masked; text rows keep ``A``).
+        n_text, text_first: for ``mode="image"``, the number of text tokens and whether they come first.
+        scale: softmax scale, default ``D ** -0.5``.
+        backend: ``"triton"``, ``"torch"`` or ``"auto"`` (triton for CUDA tensors when importable).
+        plan: optional ``(B, H)``-broadcastable codes (0: ``u == 0``, 1: ``0 < u < 1``, 2: ``u == 1``) that
+            say which work is done; required on the meta device, checked against ``u`` elsewhere.
+
+    Returns:
+        A tensor with q's layout, shape and dtype (contiguous).
+    """
+    shape = check_qkv(q, k, v, layout)
+    check_mode(mode, n_text, text_first, shape.N)
+    scale = check_scale(scale, shape.D)
+    backend = resolve_backend(backend, q)
+    u_t = normalize_u(u, shape.B, shape.H, q.device)
+    plan_t = resolve_plan(u_t, plan)
+    return torch.ops.headpag.perturbed_attention(
+        q, k, v, u_t, plan_t.flatten().tolist(), layout, mode, n_text, text_first, scale, backend
+    )

@@ -1,0 +1,105 @@
+"""``perturbed_attention`` in plain torch: for CPUs, systems without Triton, and the meta device.
+
+Attention comes from ``F.scaled_dot_product_attention`` and only for the (row, head) pairs whose plan needs
+it; identity heads in joint mode return ``v`` and never form ``q k^T``. Image mode computes the perturbed
+rows from an ``N_img x N_text`` score block plus the diagonal, never an ``N x N`` map. Everything is driven by
+the host-side plan, so the same code runs on meta tensors and is costed there by ``FlopCounterMode``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .validation import IDENTITY, PLAIN, SOFT
+
+
+def _pairs(keep: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch-row and head indices of the pairs where ``keep`` holds, on ``device``."""
+    b, h = keep.nonzero(as_tuple=True)
+    return b.to(device), h.to(device)
+
+
+def _perturbed_image_rows(q_img, k_img, v_img, k_txt, v_txt, scale: float) -> torch.Tensor:
+    """``P v`` for image queries: softmax over the text keys and the query's own key, in float32 or wider.
+
+    Shapes ``(M, N_img, D)`` for the image tensors and ``(M, N_txt, D)`` for the text ones.
+    """
+    dtype = torch.promote_types(q_img.dtype, torch.float32)
+    q_img, k_img, v_img, k_txt, v_txt = (t.to(dtype) for t in (q_img, k_img, v_img, k_txt, v_txt))
+    s_diag = (q_img * k_img).sum(-1, keepdim=True) * scale
+    if k_txt.shape[-2] == 0:
+        return v_img
+    s_txt = q_img @ k_txt.transpose(-1, -2) * scale
+    m = torch.maximum(s_txt.amax(-1, keepdim=True), s_diag)
+    e_txt = torch.exp(s_txt - m)
+    e_diag = torch.exp(s_diag - m)
+    return (e_txt @ v_txt + e_diag * v_img) / (e_txt.sum(-1, keepdim=True) + e_diag)
+
+
+def torch_perturbed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    plan: torch.Tensor,
+    *,
+    layout: str,
+    mode: str,
+    n_text: int,
+    text_first: bool,
+    scale: float,
+) -> torch.Tensor:
+    """Validated inputs; ``u`` float32 ``(B, H)`` on q's device, ``plan`` int8 ``(B, H)`` on the CPU.
+
+    Returns the output in q's layout, contiguous, q's dtype.
+    """
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if layout == "bnhd":
+        q, k, v, out_bhnd = (t.transpose(1, 2) for t in (q, k, v, out))
+    else:
+        out_bhnd = out
+    N = q.shape[2]
+    device = q.device
+    attend = plan != IDENTITY
+
+    compute = torch.promote_types(q.dtype, torch.float32)
+
+    def blend(b, h, attention, identity_term):
+        w = u[b, h].to(compute).view(-1, 1, 1)
+        return ((1 - w) * attention.to(compute) + w * identity_term.to(compute)).to(q.dtype)
+
+    if mode == "joint":
+        if bool(attend.all()):
+            attention = F.scaled_dot_product_attention(q, k, v, scale=scale)
+            if bool((plan == PLAIN).all()):
+                out_bhnd.copy_(attention)
+            else:
+                w = u.to(compute)[:, :, None, None]
+                out_bhnd.copy_(((1 - w) * attention.to(compute) + w * v.to(compute)).to(q.dtype))
+            return out
+        b, h = _pairs(~attend, device)
+        out_bhnd[b, h] = v[b, h]
+        b, h = _pairs(attend, device)
+        if b.numel():
+            attention = F.scaled_dot_product_attention(q[b, h], k[b, h], v[b, h], scale=scale)
+            out_bhnd[b, h] = blend(b, h, attention, v[b, h])
+        return out
+
+    txt = slice(0, n_text) if text_first else slice(N - n_text, N)
+    img = slice(n_text, N) if text_first else slice(0, N - n_text)
+    # Pairs that need the full map A on every query row.
+    b, h = _pairs(attend, device)
+    if b.numel():
+        out_bhnd[b, h] = F.scaled_dot_product_attention(q[b, h], k[b, h], v[b, h], scale=scale)
+    # Identity pairs still need A on their text rows (text rows of P equal A).
+    b, h = _pairs(~attend, device)
+    if b.numel() and n_text:
+        out_bhnd[b, h, txt] = F.scaled_dot_product_attention(q[b, h, txt], k[b, h], v[b, h], scale=scale)
+    # Perturbed image rows: identity pairs take P v, soft pairs blend it with A v.
+    for code in (IDENTITY, SOFT):
+        b, h = _pairs(plan == code, device)
+        if b.numel() and N - n_text:
+            perturbed = _perturbed_image_rows(q[b, h, img], k[b, h, img], v[b, h, img], k[b, h, txt], v[b, h, txt], scale)
+            out_bhnd[b, h, img] = perturbed.to(q.dtype) if code == IDENTITY else blend(b, h, out_bhnd[b, h, img], perturbed)
+    return out

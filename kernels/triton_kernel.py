@@ -1,0 +1,261 @@
+"""The fused perturbed-attention forward kernel (Triton) and its launcher.
+
+One launch covers every (batch row, head) pair; each program handles ``BLOCK_M`` query rows of one pair and
+loads that pair's coefficient ``u``:
+
+- joint mode: ``out = (1-u) * softmax(q k^T) v + u * v``. A pair with ``u == 1`` visits no key block (its
+  loop bound is 0) and writes ``v``; ``u == 0`` never loads the identity term.
+- image mode: a second online softmax over the text keys (and, folded in after the loop, the query's own
+  key) runs in the same pass; text query rows keep ``A``. A block of image rows with ``u == 1`` visits only
+  the key blocks that hold text tokens.
+
+Scores are kept in base 2 (``scale * log2(e)`` folded into q k^T). With ``COUNT_VISITS`` the kernel writes
+the number of key blocks each program visited, the evidence that skipped work is really skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import INTERPRETER_CONFIG, configs_for, padded_head_dim
+
+LOG2E = 1.0 / math.log(2.0)
+
+
+@triton.jit
+def _perturbed_attention_fwd(
+    Q, K, V, U, O, VISITS,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_ub, stride_uh,
+    H, N, text_lo, text_hi, qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IMAGE_MODE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    COUNT_VISITS: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    u = tl.load(U + b * stride_ub + h * stride_uh)
+
+    m_start = pid_m * BLOCK_M
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N
+    dim_ok = offs_d < HEAD_DIM
+    row_tile_ok = row_ok[:, None] & dim_ok[None, :]
+
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=row_tile_ok, other=0.0)
+
+    m_full = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_full = tl.zeros([BLOCK_M], tl.float32)
+    acc_full = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    visits = 0
+
+    if IMAGE_MODE:
+        # Rows of P: text queries keep A; image queries see the text keys here and their own key after the
+        # loop.
+        query_is_text = (offs_m >= text_lo) & (offs_m < text_hi)
+        block_has_text_rows = (m_start < text_hi) & (m_start + BLOCK_M > text_lo) & (text_lo < N)
+        need_full = (u < 1.0) | block_has_text_rows
+        need_perturbed = u > 0.0
+        m_pert = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_pert = tl.zeros([BLOCK_M], tl.float32)
+        acc_pert = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        lo = 0
+        hi = N
+        if not need_full:
+            lo = (text_lo // BLOCK_N) * BLOCK_N
+            hi = text_hi
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + offs_n
+            col_ok = cols < N
+            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=dim_ok[:, None] & col_ok[None, :], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+            if need_full:
+                m_new = tl.maximum(m_full, tl.max(s, 1))
+                alpha = tl.exp2(m_full - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_full = l_full * alpha + tl.sum(p, 1)
+                acc_full = acc_full * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+                m_full = m_new
+            block_has_text_keys = (start_n < text_hi) & (start_n + BLOCK_N > text_lo)
+            if need_perturbed & block_has_text_keys:
+                key_is_text = (cols >= text_lo) & (cols < text_hi)
+                s2 = tl.where(key_is_text[None, :], s, float("-inf"))
+                m2_new = tl.maximum(m_pert, tl.max(s2, 1))
+                m2_ref = tl.where(m2_new == float("-inf"), 0.0, m2_new)
+                alpha2 = tl.exp2(m_pert - m2_ref)
+                p2 = tl.exp2(s2 - m2_ref[:, None])
+                l_pert = l_pert * alpha2 + tl.sum(p2, 1)
+                acc_pert = acc_pert * alpha2[:, None] + tl.dot(p2.to(v.dtype), v, input_precision=INPUT_PRECISION)
+                m_pert = m2_new
+            visits += 1
+        if need_perturbed:
+            # Fold each image query's own key into the perturbed softmax.
+            k_diag = tl.load(k_base + offs_m[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=row_tile_ok, other=0.0)
+            v_diag = tl.load(v_base + offs_m[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=row_tile_ok, other=0.0)
+            s_diag = tl.sum(q.to(tl.float32) * k_diag.to(tl.float32), 1) * qk_scale
+            m2_new = tl.maximum(m_pert, s_diag)
+            m2_ref = tl.where(m2_new == float("-inf"), 0.0, m2_new)
+            alpha2 = tl.exp2(m_pert - m2_ref)
+            p_diag = tl.exp2(s_diag - m2_ref)
+            l_pert = l_pert * alpha2 + p_diag
+            acc_pert = acc_pert * alpha2[:, None] + p_diag[:, None] * v_diag.to(tl.float32)
+        attention = acc_full / tl.where(l_full == 0.0, 1.0, l_full)[:, None]
+        perturbed = acc_pert / tl.where(l_pert == 0.0, 1.0, l_pert)[:, None]
+        perturbed = tl.where(query_is_text[:, None], attention, perturbed)
+        out = (1.0 - u) * attention + u * perturbed
+    else:
+        hi = N
+        if u == 1.0:
+            hi = 0
+        for start_n in range(0, hi, BLOCK_N):
+            cols = start_n + offs_n
+            col_ok = cols < N
+            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=dim_ok[:, None] & col_ok[None, :], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_full, tl.max(s, 1))
+            alpha = tl.exp2(m_full - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_full = l_full * alpha + tl.sum(p, 1)
+            acc_full = acc_full * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+            m_full = m_new
+            visits += 1
+        attention = acc_full / tl.where(l_full == 0.0, 1.0, l_full)[:, None]
+        # The identity term v at the query rows; not even loaded when u == 0.
+        identity_dims = tl.where(u > 0.0, HEAD_DIM, 0)
+        v_diag = tl.load(v_base + offs_m[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                         mask=row_ok[:, None] & (offs_d[None, :] < identity_dims), other=0.0)
+        out = (1.0 - u) * attention + u * v_diag.to(tl.float32)
+
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty), mask=row_tile_ok)
+    if COUNT_VISITS:
+        tl.store(VISITS + pid_bh * tl.num_programs(0) + pid_m, visits)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_autotuned: dict[tuple[int, int, str], object] = {}
+
+
+def _autotuned_kernel(arch: int, block_d: int, mode: str):
+    """The kernel wrapped in ``triton.autotune`` with this arch's configs, built once per key.
+
+    Tuning is keyed on the sequence length, head dim and dtypes (the autotuner adds the latter), so a
+    sampling loop with a fixed resolution tunes once.
+    """
+    key = (arch, block_d, mode)
+    if key not in _autotuned:
+        configs = [
+            triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N}, num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in configs_for(arch, block_d, mode)
+        ]
+        _autotuned[key] = triton.autotune(configs=configs, key=["N", "HEAD_DIM", "IMAGE_MODE"])(_perturbed_attention_fwd)
+    return _autotuned[key]
+
+
+def _strides_bhnd(t: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
+    s = t.stride()
+    return s if layout == "bhnd" else (s[0], s[2], s[1], s[3])
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use tf32 dots exactly when ``torch.backends.cuda.matmul.allow_tf32`` is set (torch's own
+    rule for matmuls); otherwise full-precision ``ieee`` dots."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def text_span(N: int, n_text: int, text_first: bool) -> tuple[int, int]:
+    """Token index range ``[lo, hi)`` of the text tokens."""
+    return (0, n_text) if text_first else (N - n_text, N)
+
+
+def triton_perturbed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    *,
+    layout: str,
+    mode: str,
+    n_text: int,
+    text_first: bool,
+    scale: float,
+    count_visits: bool = False,
+):
+    """Launches the fused kernel on validated inputs; ``u`` is a float32 ``(B, H)`` tensor on q's device.
+
+    Returns the output in q's layout (contiguous) and, with ``count_visits``, an int32 ``(B, H, M_blocks)``
+    tensor of key blocks visited per query block.
+    """
+    if q.dtype == torch.float64:
+        raise TypeError("the Triton kernel supports q.dtype float16, bfloat16 or float32, got float64; use backend='torch'")
+    if q.device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before importing "
+            f"triton), got device {q.device}; use backend='torch' or 'auto'"
+        )
+    if layout == "bhnd":
+        B, H, N, D = q.shape
+    else:
+        B, N, H, D = q.shape
+    block_d = padded_head_dim(D)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    text_lo, text_hi = text_span(N, n_text, text_first)
+    image_mode = mode == "image"
+
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d, IMAGE_MODE=image_mode, INPUT_PRECISION=input_precision(q.dtype))
+    args = (
+        *_strides_bhnd(q, layout), *_strides_bhnd(k, layout), *_strides_bhnd(v, layout), *_strides_bhnd(out, layout),
+        u.stride(0), u.stride(1),
+        H, N, text_lo, text_hi, scale * LOG2E,
+    )
+    if interpreting():
+        cfg = INTERPRETER_CONFIG
+        n_blocks = triton.cdiv(N, cfg.BLOCK_M)
+        visits = torch.zeros((B, H, n_blocks), dtype=torch.int32, device=q.device) if count_visits else out
+        _perturbed_attention_fwd[(n_blocks, B * H)](
+            q, k, v, u, out, visits, *args,
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, COUNT_VISITS=count_visits, **common,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return (out, visits) if count_visits else out
+    if count_visits:
+        raise ValueError("count_visits is a debug mode of the interpreter (TRITON_INTERPRET=1) only")
+    major, minor = torch.cuda.get_device_capability(q.device)
+    arch = 90 if major * 10 + minor >= 90 else 80
+    kernel = _autotuned_kernel(arch, block_d, mode)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
+    kernel[grid](q, k, v, u, out, out, *args, COUNT_VISITS=False, **common)
+    return out

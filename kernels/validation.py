@@ -1,0 +1,192 @@
+"""Argument checking and normalisation shared by every backend of ``perturbed_attention``.
+
+Everything here runs on the host and raises ``ValueError`` / ``TypeError`` naming the argument and the
+allowed values; nothing is clamped.
+
+The *plan* is the host-side classification of each (batch row, head) pair by its coefficient ``u``:
+
+    PLAIN    = 0   u == 0        plain attention
+    SOFT     = 1   0 < u < 1     attention and identity blended
+    IDENTITY = 2   u == 1        identity map only (joint mode: no q k^T at all)
+
+It decides the work done, so the fake implementation and the FLOP formula use it on the meta device, where
+``u``'s values cannot be read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Real
+from typing import Sequence, Union
+
+import torch
+
+PLAIN, SOFT, IDENTITY = 0, 1, 2
+
+LAYOUTS = ("bhnd", "bnhd")
+MODES = ("joint", "image")
+BACKENDS = ("auto", "triton", "torch")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+UType = Union[torch.Tensor, Real, Sequence]
+PlanType = Union[torch.Tensor, int, Sequence]
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """Logical sizes of one call: batch rows, heads, sequence length, head dim."""
+
+    B: int
+    H: int
+    N: int
+    D: int
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> AttentionShape:
+    """Checks q, k, v agree in layout, shape, dtype and device; returns the logical sizes."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            dims = "(B, H, N, D)" if layout == "bhnd" else "(B, N, H, D)"
+            raise ValueError(f"{name} must be 4-D {dims} for layout={layout!r}, got shape {tuple(t.shape)}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{name}.dtype must be one of {[str(d) for d in DTYPES]}, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all of q, k, v must share a device")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}.dtype {t.dtype} differs from q.dtype {q.dtype}; q, k, v must share a dtype")
+        if t.shape != q.shape:
+            what = "sequence length" if _seq_dim(layout) is not None and t.shape[_seq_dim(layout)] != q.shape[_seq_dim(layout)] else "shape"
+            raise ValueError(
+                f"{name} {what} differs from q: {tuple(t.shape)} vs {tuple(q.shape)}; the identity map needs "
+                f"q, k, v of one shape"
+            )
+    if layout == "bhnd":
+        B, H, N, D = q.shape
+    else:
+        B, N, H, D = q.shape
+    if min(B, H, N, D) < 1:
+        raise ValueError(f"q has an empty dimension: shape {tuple(q.shape)}")
+    if any(t.requires_grad for t in (q, k, v)) and torch.is_grad_enabled():
+        raise ValueError(
+            "perturbed_attention is inference only: q, k or v requires grad. Call it under torch.no_grad() "
+            "or torch.inference_mode(), or pass detached tensors"
+        )
+    return AttentionShape(B, H, N, D)
+
+
+def _seq_dim(layout: str) -> int:
+    return 2 if layout == "bhnd" else 1
+
+
+def check_mode(mode: str, n_text: int, text_first: bool, N: int) -> None:
+    """Checks the identity-map mode and, for ``mode="image"``, the text-token split."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(n_text, bool) or not isinstance(n_text, int):
+        raise TypeError(f"n_text must be an int in [0, N={N}], got {n_text!r}")
+    if not 0 <= n_text <= N:
+        raise ValueError(f"n_text must be in [0, N={N}], got {n_text}")
+    if not isinstance(text_first, bool):
+        raise TypeError(f"text_first must be a bool, got {text_first!r}")
+
+
+def check_scale(scale, D: int) -> float:
+    """Returns the softmax scale; ``None`` means ``D ** -0.5``."""
+    if scale is None:
+        return D ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, Real):
+        raise TypeError(f"scale must be a positive finite number or None, got {scale!r}")
+    scale = float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number or None, got {scale}")
+    return scale
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def normalize_u(u: UType, B: int, H: int, device: torch.device) -> torch.Tensor:
+    """Returns ``u`` as a contiguous float32 ``(B, H)`` tensor on ``device``.
+
+    ``u`` may be a scalar, an ``(H,)`` or ``(B, H)`` tensor or nested sequence (anything broadcastable to
+    ``(B, H)``). Values must lie in [0, 1]; NaN is rejected. On the meta device the values are not checked.
+    """
+    if isinstance(u, bool):
+        raise TypeError("u must be a number in [0, 1] or a tensor/sequence of them, got a bool")
+    if isinstance(u, torch.Tensor):
+        if u.dtype.is_complex or u.dtype == torch.bool:
+            raise TypeError(f"u must be a real floating or integer tensor, got dtype {u.dtype}")
+        u_t = u
+    else:
+        try:
+            u_t = torch.as_tensor(u, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"u must be a number in [0, 1] or a tensor/sequence of them, got {u!r}") from err
+    try:
+        u_t = torch.broadcast_to(u_t, (B, H))
+    except RuntimeError as err:
+        raise ValueError(f"u must broadcast to (B, H) = ({B}, {H}), e.g. shape (), ({H},) or ({B}, {H}); got shape {tuple(u_t.shape)}") from err
+    if u_t.device.type != "meta" and not torch.compiler.is_compiling():
+        if torch.isnan(u_t).any():
+            raise ValueError("u must be in [0, 1], got NaN")
+        lo, hi = float(u_t.min()), float(u_t.max())
+        if lo < 0 or hi > 1:
+            raise ValueError(f"u must be in [0, 1], got values in [{lo}, {hi}]")
+    return u_t.to(device=device, dtype=torch.float32).contiguous()
+
+
+def plan_from_u(u: torch.Tensor) -> torch.Tensor:
+    """Classifies a readable ``(B, H)`` coefficient tensor into PLAIN / SOFT / IDENTITY codes (int8, CPU)."""
+    u = u.detach().to("cpu", torch.float64)
+    plan = torch.full(u.shape, SOFT, dtype=torch.int8)
+    plan[u == 0] = PLAIN
+    plan[u == 1] = IDENTITY
+    return plan
+
+
+def normalize_plan(plan: PlanType, B: int, H: int) -> torch.Tensor:
+    """Returns a user-given plan as an int8 ``(B, H)`` CPU tensor of PLAIN / SOFT / IDENTITY codes."""
+    try:
+        p = torch.as_tensor(plan).to("cpu")
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"plan must be a tensor or nested sequence of codes {{0, 1, 2}}, got {plan!r}") from err
+    if p.dtype.is_floating_point or p.dtype == torch.bool or p.dtype.is_complex:
+        raise TypeError(f"plan must hold integer codes {{0: plain, 1: soft, 2: identity}}, got dtype {p.dtype}")
+    try:
+        p = torch.broadcast_to(p, (B, H))
+    except RuntimeError as err:
+        raise ValueError(f"plan must broadcast to (B, H) = ({B}, {H}), got shape {tuple(p.shape)}") from err
+    if ((p < PLAIN) | (p > IDENTITY)).any():
+        raise ValueError(f"plan codes must be in {{0: plain, 1: soft, 2: identity}}, got {sorted(set(p.flatten().tolist()))}")
+    return p.to(torch.int8).contiguous()
+
+
+def resolve_plan(u_t: torch.Tensor, plan: PlanType | None) -> torch.Tensor:
+    """Returns the plan for a call: the given one (checked against readable ``u``) or the one ``u`` implies.
+
+    A plan must be given when ``u`` lives on the meta device. Reading a CUDA ``u`` synchronises; callers on a
+    hot path pass host-side ``u`` or a plan.
+    """
+    B, H = u_t.shape
+    if plan is None:
+        if u_t.device.type == "meta":
+            raise ValueError("plan is required when u is on the meta device (its values cannot be read)")
+        return plan_from_u(u_t)
+    p = normalize_plan(plan, B, H)
+    if u_t.device.type != "meta" and not torch.compiler.is_compiling():
+        implied = plan_from_u(u_t)
+        if not torch.equal(implied, p):
+            bad = (implied != p).nonzero()[0].tolist()
+            raise ValueError(
+                f"plan contradicts u at (row, head) = {tuple(bad)}: plan says {int(p[bad[0], bad[1]])}, u = "
+                f"{float(u_t[bad[0], bad[1]])} implies {int(implied[bad[0], bad[1]])} (0: u == 0, 1: 0 < u < 1, 2: u == 1)"
+            )
+    return p
