@@ -12,9 +12,10 @@ from dataclasses import dataclass
 ARCHS = (80, 90)
 PADDED_HEAD_DIMS = (16, 32, 64, 128, 256)
 MAX_HEAD_DIM = PADDED_HEAD_DIMS[-1]
-# Head dims diffusers' models use (SD1.x 40/80/160, DiT/PixArt 72, SD3/Flux 64/128, ...); aot.py compiles their
-# padded sizes.
+# Head dims diffusers' models use (SD1.x 40/80/160, DiT/PixArt 72, SD3/Flux 64/128, ...) plus the small padded
+# sizes; aot.py compiles every one of them.
 MODEL_HEAD_DIMS = (40, 64, 72, 80, 96, 128, 160, 256)
+COMPILED_HEAD_DIMS = (16, 32) + MODEL_HEAD_DIMS
 
 
 @dataclass(frozen=True)
@@ -33,21 +34,27 @@ INTERPRETER_CONFIG = KernelConfig(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stage
 
 C = KernelConfig
 
-# Joint mode keeps one fp32 accumulator of BLOCK_M x BLOCK_D; image mode keeps two (full and perturbed
-# softmax), hence its smaller tiles. BLOCK_M=128 runs with 8 warps: with 4 it spills on sm_90 at D >= 64.
+# Chosen with `python -m headpag.kernels.aot`: every config here compiles without register spills on its arch
+# (triton 3.9 / ptxas 12.x). Joint mode keeps one fp32 accumulator of BLOCK_M x BLOCK_D; image mode keeps two
+# (full and perturbed softmax), hence its smaller tiles at large head dims.
+_SMALL_D_JOINT = (C(64, 64, 4, 2), C(128, 64, 8, 2), C(64, 64, 8, 2))
 _JOINT = {
-    16: (C(128, 64, 4, 3), C(64, 64, 4, 3), C(128, 128, 8, 3)),
-    32: (C(128, 64, 4, 3), C(64, 64, 4, 3), C(128, 128, 8, 3)),
-    64: (C(128, 64, 8, 3), C(64, 64, 4, 3), C(128, 128, 8, 3)),
-    128: (C(128, 64, 8, 3), C(64, 64, 4, 3), C(128, 32, 8, 4)),
-    256: (C(64, 32, 4, 2), C(64, 64, 8, 2), C(128, 32, 8, 2)),
+    80: {16: _SMALL_D_JOINT, 32: _SMALL_D_JOINT, 64: _SMALL_D_JOINT,
+         128: (C(64, 64, 8, 2), C(128, 64, 8, 2)),
+         256: (C(32, 32, 8, 2), C(16, 16, 4, 2), C(32, 16, 4, 2))},
+    90: {16: _SMALL_D_JOINT, 32: _SMALL_D_JOINT, 64: _SMALL_D_JOINT,
+         128: (C(64, 64, 8, 2),),  # M128-N64-w8 spills 4 bytes at head dims 72/80/96 on sm_90
+         256: (C(32, 32, 8, 2), C(16, 16, 4, 2))},
 }
+_SMALL_D_IMAGE_80 = (C(64, 64, 8, 2), C(128, 64, 8, 2), C(128, 32, 8, 2))
+_SMALL_D_IMAGE_90 = (C(64, 64, 8, 2), C(64, 64, 4, 2))
 _IMAGE = {
-    16: (C(64, 64, 4, 3), C(128, 64, 8, 3)),
-    32: (C(64, 64, 4, 3), C(128, 64, 8, 3)),
-    64: (C(64, 64, 4, 3), C(128, 64, 8, 3)),
-    128: (C(64, 64, 4, 3), C(128, 64, 8, 3)),
-    256: (C(64, 32, 4, 2), C(64, 32, 8, 2)),
+    80: {16: _SMALL_D_IMAGE_80, 32: _SMALL_D_IMAGE_80, 64: _SMALL_D_IMAGE_80,
+         128: (C(32, 32, 8, 2), C(64, 32, 8, 2), C(64, 16, 8, 2), C(32, 16, 4, 2)),
+         256: (C(16, 16, 8, 2), C(16, 16, 4, 2), C(32, 16, 8, 2))},
+    90: {16: _SMALL_D_IMAGE_90, 32: _SMALL_D_IMAGE_90, 64: _SMALL_D_IMAGE_90,
+         128: (C(32, 32, 8, 2),),
+         256: (C(16, 16, 8, 2), C(16, 16, 4, 2))},
 }
 
 
@@ -59,9 +66,12 @@ def padded_head_dim(D: int) -> int:
 
 
 def configs_for(arch: int, block_d: int, mode: str) -> tuple[KernelConfig, ...]:
-    """Autotuning candidates for a GPU of compute capability ``arch`` (80: Ampere, 90: Hopper; others use
-    the closest lower table)."""
-    table = _IMAGE if mode == "image" else _JOINT
+    """Autotuning candidates for compute capability ``arch`` (e.g. 80 Ampere, 86/89 use the sm_80 table, 90
+    and newer the sm_90 one)."""
+    if mode not in ("joint", "image"):
+        raise ValueError(f"mode must be 'joint' or 'image', got {mode!r}")
+    tables = _IMAGE if mode == "image" else _JOINT
+    table = tables[max(a for a in ARCHS if a <= arch) if arch >= ARCHS[0] else ARCHS[0]]
     if block_d not in table:
         raise ValueError(f"block_d must be one of {tuple(table)}, got {block_d}")
     return table[block_d]

@@ -18,7 +18,7 @@ from .validation import (
     check_qkv,
     check_scale,
     normalize_u,
-    resolve_plan,
+    resolve_plan_codes,
 )
 
 try:
@@ -97,7 +97,8 @@ def perturbed_attention(
         scale: softmax scale, default ``D ** -0.5``.
         backend: ``"triton"``, ``"torch"`` or ``"auto"`` (triton for CUDA tensors when importable).
         plan: optional ``(B, H)``-broadcastable codes (0: ``u == 0``, 1: ``0 < u < 1``, 2: ``u == 1``) that
-            say which work is done; required on the meta device, checked against ``u`` elsewhere.
+            say which work is done; required on the meta device, checked against ``u`` elsewhere. Under
+            ``torch.compile`` pass it as Python ints (a tensor plan must be read: a graph break).
 
     Returns:
         A tensor with q's layout, shape and dtype (contiguous).
@@ -107,7 +108,7 @@ def perturbed_attention(
     scale = check_scale(scale, shape.D)
     backend = resolve_backend(backend, q)
     u_t = normalize_u(u, shape.B, shape.H, q.device)
-    plan_t = resolve_plan(u_t, plan)
+    plan_list = resolve_plan_codes(u_t, plan)
     return torch.ops.headpag.perturbed_attention(
-        q, k, v, u_t, plan_t.flatten().tolist(), layout, mode, n_text, text_first, scale, backend
+        q, k, v, u_t, plan_list, layout, mode, n_text, text_first, scale, backend
     )

@@ -28,6 +28,50 @@ LOG2E = 1.0 / math.log(2.0)
 
 
 @triton.jit
+def _softmax_step(s, v, m, l, acc, INPUT_PRECISION: tl.constexpr):
+    """One online-softmax update with base-2 scores ``s`` (BLOCK_M, BLOCK_N) against values ``v``."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+    alpha = tl.exp2(m - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
+def _attend_keys(
+    q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    lo, hi, N, text_lo, text_hi, qk_scale,
+    m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    FULL: tl.constexpr, PERTURBED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Visits the key blocks ``[lo, hi)`` (``lo`` block-aligned), updating the full softmax (every key) and/or
+    the perturbed one (text keys only)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    # Padding lanes of the head dim need a mask only when the head dim is not a power of two.
+    dim_ok = offs_d < (HEAD_DIM if HEAD_DIM < BLOCK_D else 2 * BLOCK_D)
+    # Addresses are formed inside the loop: loop-carried pointer tiles cost registers (and spill).
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < N
+        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=dim_ok[:, None] & col_ok[None, :], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        if FULL:
+            m_full, l_full, acc_full = _softmax_step(s, v, m_full, l_full, acc_full, INPUT_PRECISION)
+        if PERTURBED:
+            key_is_text = (cols >= text_lo) & (cols < text_hi)
+            s2 = tl.where(key_is_text[None, :], s, float("-inf"))
+            m_pert, l_pert, acc_pert = _softmax_step(s2, v, m_pert, l_pert, acc_pert, INPUT_PRECISION)
+        visits += 1
+    return m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits
+
+
+@triton.jit
 def _perturbed_attention_fwd(
     Q, K, V, U, O, VISITS,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -52,11 +96,8 @@ def _perturbed_attention_fwd(
 
     m_start = pid_m * BLOCK_M
     offs_m = m_start + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < N
-    dim_ok = offs_d < HEAD_DIM
-    row_tile_ok = row_ok[:, None] & dim_ok[None, :]
+    row_tile_ok = (offs_m < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
 
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
@@ -66,62 +107,59 @@ def _perturbed_attention_fwd(
     m_full = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_full = tl.zeros([BLOCK_M], tl.float32)
     acc_full = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_pert = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_pert = tl.zeros([BLOCK_M], tl.float32)
+    acc_pert = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     visits = 0
 
     if IMAGE_MODE:
-        # Rows of P: text queries keep A; image queries see the text keys here and their own key after the
-        # loop.
+        # Key blocks split into the text blocks [text_start, text_end) and image-only blocks around them.
+        # Rows of P: text queries keep A; image queries see the text keys in the text blocks and their own
+        # key, folded in after the loops. A block of image rows with u == 1 visits the text blocks only.
+        text_start = (text_lo // BLOCK_N) * BLOCK_N
+        text_end = tl.minimum(tl.cdiv(text_hi, BLOCK_N) * BLOCK_N, N)
+        if text_lo == text_hi:
+            text_start = 0
+            text_end = 0
         query_is_text = (offs_m >= text_lo) & (offs_m < text_hi)
-        block_has_text_rows = (m_start < text_hi) & (m_start + BLOCK_M > text_lo) & (text_lo < N)
+        # (text_lo < text_hi: with no text tokens and text last, text_lo == text_hi == N and the last partial
+        # block would otherwise count as holding text rows and run the full softmax.)
+        block_has_text_rows = (m_start < text_hi) & (m_start + BLOCK_M > text_lo) & (text_lo < text_hi)
         need_full = (u < 1.0) | block_has_text_rows
-        need_perturbed = u > 0.0
-        m_pert = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_pert = tl.zeros([BLOCK_M], tl.float32)
-        acc_pert = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        lo = 0
-        hi = N
-        if not need_full:
-            lo = (text_lo // BLOCK_N) * BLOCK_N
-            hi = text_hi
-        for start_n in range(lo, hi, BLOCK_N):
-            cols = start_n + offs_n
-            col_ok = cols < N
-            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                         mask=dim_ok[:, None] & col_ok[None, :], other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-            s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
-            s = tl.where(col_ok[None, :], s, float("-inf"))
+        if u > 0.0:
             if need_full:
-                m_new = tl.maximum(m_full, tl.max(s, 1))
-                alpha = tl.exp2(m_full - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_full = l_full * alpha + tl.sum(p, 1)
-                acc_full = acc_full * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-                m_full = m_new
-            block_has_text_keys = (start_n < text_hi) & (start_n + BLOCK_N > text_lo)
-            if need_perturbed & block_has_text_keys:
-                key_is_text = (cols >= text_lo) & (cols < text_hi)
-                s2 = tl.where(key_is_text[None, :], s, float("-inf"))
-                m2_new = tl.maximum(m_pert, tl.max(s2, 1))
-                m2_ref = tl.where(m2_new == float("-inf"), 0.0, m2_new)
-                alpha2 = tl.exp2(m_pert - m2_ref)
-                p2 = tl.exp2(s2 - m2_ref[:, None])
-                l_pert = l_pert * alpha2 + tl.sum(p2, 1)
-                acc_pert = acc_pert * alpha2[:, None] + tl.dot(p2.to(v.dtype), v, input_precision=INPUT_PRECISION)
-                m_pert = m2_new
-            visits += 1
-        if need_perturbed:
+                m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits = _attend_keys(
+                    q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, text_start, text_end, N,
+                    text_lo, text_hi, qk_scale, m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits,
+                    HEAD_DIM, BLOCK_D, BLOCK_N, True, True, INPUT_PRECISION)
+            else:
+                m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits = _attend_keys(
+                    q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, text_start, text_end, N,
+                    text_lo, text_hi, qk_scale, m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits,
+                    HEAD_DIM, BLOCK_D, BLOCK_N, False, True, INPUT_PRECISION)
             # Fold each image query's own key into the perturbed softmax.
             k_diag = tl.load(k_base + offs_m[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=row_tile_ok, other=0.0)
             v_diag = tl.load(v_base + offs_m[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=row_tile_ok, other=0.0)
             s_diag = tl.sum(q.to(tl.float32) * k_diag.to(tl.float32), 1) * qk_scale
-            m2_new = tl.maximum(m_pert, s_diag)
-            m2_ref = tl.where(m2_new == float("-inf"), 0.0, m2_new)
-            alpha2 = tl.exp2(m_pert - m2_ref)
-            p_diag = tl.exp2(s_diag - m2_ref)
-            l_pert = l_pert * alpha2 + p_diag
-            acc_pert = acc_pert * alpha2[:, None] + p_diag[:, None] * v_diag.to(tl.float32)
+            m_new = tl.maximum(m_pert, s_diag)
+            alpha = tl.exp2(m_pert - m_new)
+            p_diag = tl.exp2(s_diag - m_new)
+            l_pert = l_pert * alpha + p_diag
+            acc_pert = acc_pert * alpha[:, None] + p_diag[:, None] * v_diag.to(tl.float32)
+        else:
+            m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits = _attend_keys(
+                q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, text_start, text_end, N,
+                text_lo, text_hi, qk_scale, m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits,
+                HEAD_DIM, BLOCK_D, BLOCK_N, True, False, INPUT_PRECISION)
+        if need_full:
+            m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits = _attend_keys(
+                q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, 0, text_start, N,
+                text_lo, text_hi, qk_scale, m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits,
+                HEAD_DIM, BLOCK_D, BLOCK_N, True, False, INPUT_PRECISION)
+            m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits = _attend_keys(
+                q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, text_end, N, N,
+                text_lo, text_hi, qk_scale, m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits,
+                HEAD_DIM, BLOCK_D, BLOCK_N, True, False, INPUT_PRECISION)
         attention = acc_full / tl.where(l_full == 0.0, 1.0, l_full)[:, None]
         perturbed = acc_pert / tl.where(l_pert == 0.0, 1.0, l_pert)[:, None]
         perturbed = tl.where(query_is_text[:, None], attention, perturbed)
@@ -130,27 +168,15 @@ def _perturbed_attention_fwd(
         hi = N
         if u == 1.0:
             hi = 0
-        for start_n in range(0, hi, BLOCK_N):
-            cols = start_n + offs_n
-            col_ok = cols < N
-            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                         mask=dim_ok[:, None] & col_ok[None, :], other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-            s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_full, tl.max(s, 1))
-            alpha = tl.exp2(m_full - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_full = l_full * alpha + tl.sum(p, 1)
-            acc_full = acc_full * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-            m_full = m_new
-            visits += 1
+        m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits = _attend_keys(
+            q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, 0, hi, N,
+            0, 0, qk_scale, m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, False, INPUT_PRECISION)
         attention = acc_full / tl.where(l_full == 0.0, 1.0, l_full)[:, None]
         # The identity term v at the query rows; not even loaded when u == 0.
         identity_dims = tl.where(u > 0.0, HEAD_DIM, 0)
         v_diag = tl.load(v_base + offs_m[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                         mask=row_ok[:, None] & (offs_d[None, :] < identity_dims), other=0.0)
+                         mask=(offs_m < N)[:, None] & (offs_d[None, :] < identity_dims), other=0.0)
         out = (1.0 - u) * attention + u * v_diag.to(tl.float32)
 
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
@@ -254,7 +280,7 @@ def triton_perturbed_attention(
     if count_visits:
         raise ValueError("count_visits is a debug mode of the interpreter (TRITON_INTERPRET=1) only")
     major, minor = torch.cuda.get_device_capability(q.device)
-    arch = 90 if major * 10 + minor >= 90 else 80
+    arch = major * 10 + minor
     kernel = _autotuned_kernel(arch, block_d, mode)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
     kernel[grid](q, k, v, u, out, out, *args, COUNT_VISITS=False, **common)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
 from typing import Sequence, Union
 
 import torch
@@ -152,8 +152,53 @@ def plan_from_u(u: torch.Tensor) -> torch.Tensor:
     return plan
 
 
+def _nested_codes(plan) -> tuple[tuple[int, ...], list] | None:
+    """Shape and row-major flat values of a Python int or a rectangular nested list/tuple of them, using no
+    torch ops (so ``torch.compile`` sees constants); ``None`` for anything else (tensors, arrays, ...)."""
+    if isinstance(plan, Integral) and not isinstance(plan, bool):
+        return (), [plan]
+    if not isinstance(plan, (list, tuple)):
+        return None
+    parts = [_nested_codes(p) for p in plan]
+    if any(p is None for p in parts):
+        return None
+    shapes = {shape for shape, _ in parts}
+    if len(shapes) > 1:
+        raise ValueError(f"plan must be a rectangular nested sequence of codes {{0, 1, 2}}, got {plan!r}")
+    inner = shapes.pop() if shapes else ()
+    return (len(plan), *inner), [x for _, flat in parts for x in flat]
+
+
+def plan_codes(plan: PlanType, B: int, H: int) -> list[int]:
+    """A user-given plan as a flat row-major list of ``B * H`` PLAIN / SOFT / IDENTITY codes.
+
+    Python ints and nested lists/tuples are normalised in pure Python, so a constant plan traces under
+    ``torch.compile(fullgraph=True)`` without graph breaks; tensors (and arrays) go through
+    :func:`normalize_plan` and must be read, which ``torch.compile`` cannot do without a graph break.
+    """
+    nested = _nested_codes(plan)
+    if nested is None:
+        return normalize_plan(plan, B, H).flatten().tolist()
+    shape, flat = nested
+    if len(shape) > 2 or any(
+        have not in (1, want) for have, want in zip(reversed(shape), (H, B))
+    ):
+        raise ValueError(f"plan must broadcast to (B, H) = ({B}, {H}), got shape {shape}")
+    shape2 = (1,) * (2 - len(shape)) + shape
+    codes = [
+        int(flat[(b if shape2[0] != 1 else 0) * shape2[1] + (h if shape2[1] != 1 else 0)])
+        for b in range(B)
+        for h in range(H)
+    ]
+    if any(c < PLAIN or c > IDENTITY for c in codes):
+        raise ValueError(f"plan codes must be in {{0: plain, 1: soft, 2: identity}}, got {sorted(set(codes))}")
+    return codes
+
+
 def normalize_plan(plan: PlanType, B: int, H: int) -> torch.Tensor:
     """Returns a user-given plan as an int8 ``(B, H)`` CPU tensor of PLAIN / SOFT / IDENTITY codes."""
+    if not isinstance(plan, torch.Tensor) and _nested_codes(plan) is not None:
+        return torch.tensor(plan_codes(plan, B, H), dtype=torch.int8).view(B, H)
     try:
         p = torch.as_tensor(plan).to("cpu")
     except (TypeError, ValueError, RuntimeError) as err:
@@ -169,24 +214,32 @@ def normalize_plan(plan: PlanType, B: int, H: int) -> torch.Tensor:
     return p.to(torch.int8).contiguous()
 
 
-def resolve_plan(u_t: torch.Tensor, plan: PlanType | None) -> torch.Tensor:
-    """Returns the plan for a call: the given one (checked against readable ``u``) or the one ``u`` implies.
+def resolve_plan_codes(u_t: torch.Tensor, plan: PlanType | None) -> list[int]:
+    """The plan of a call as a flat row-major list of ``B * H`` codes: the given one (checked against
+    readable ``u``) or the one ``u`` implies.
 
     A plan must be given when ``u`` lives on the meta device. Reading a CUDA ``u`` synchronises; callers on a
-    hot path pass host-side ``u`` or a plan.
+    hot path pass host-side ``u`` or a plan. Under ``torch.compile`` pass the plan as Python ints: ``u`` is
+    not read there (neither to derive the plan nor to check it).
     """
     B, H = u_t.shape
     if plan is None:
         if u_t.device.type == "meta":
             raise ValueError("plan is required when u is on the meta device (its values cannot be read)")
-        return plan_from_u(u_t)
-    p = normalize_plan(plan, B, H)
+        return plan_from_u(u_t).flatten().tolist()
+    codes = plan_codes(plan, B, H)
     if u_t.device.type != "meta" and not torch.compiler.is_compiling():
-        implied = plan_from_u(u_t)
-        if not torch.equal(implied, p):
-            bad = (implied != p).nonzero()[0].tolist()
+        implied = plan_from_u(u_t).flatten().tolist()
+        if implied != codes:
+            i = next(i for i, (a, c) in enumerate(zip(implied, codes)) if a != c)
+            b, h = divmod(i, H)
             raise ValueError(
-                f"plan contradicts u at (row, head) = {tuple(bad)}: plan says {int(p[bad[0], bad[1]])}, u = "
-                f"{float(u_t[bad[0], bad[1]])} implies {int(implied[bad[0], bad[1]])} (0: u == 0, 1: 0 < u < 1, 2: u == 1)"
+                f"plan contradicts u at (row, head) = {(b, h)}: plan says {codes[i]}, u = "
+                f"{float(u_t[b, h])} implies {implied[i]} (0: u == 0, 1: 0 < u < 1, 2: u == 1)"
             )
-    return p
+    return codes
+
+
+def resolve_plan(u_t: torch.Tensor, plan: PlanType | None) -> torch.Tensor:
+    """:func:`resolve_plan_codes` as an int8 ``(B, H)`` CPU tensor."""
+    return torch.tensor(resolve_plan_codes(u_t, plan), dtype=torch.int8).view(u_t.shape)

@@ -1,0 +1,236 @@
+"""Compile check without a GPU: ``python -m headpag.kernels.aot``.
+
+Compiles every launch configuration of the fused kernel (``configs.py``) for sm_80 and sm_90, float16 and
+bfloat16, each head dim diffusers' models use and both modes with ``triton.compile`` and ``GPUTarget``, then
+reads the results: shared memory from triton's metadata, registers and spills from ``ptxas -v`` on the PTX,
+tensor-core instructions (HMMA / HGMMA) from ``nvdisasm`` on the cubin. Prints a table and exits non-zero
+if any config fails to compile, spills, or exceeds the target's shared memory.
+
+Runs in worker processes without ``TRITON_INTERPRET`` (``triton.compile`` refuses interpreted functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+from .configs import ARCHS, COMPILED_HEAD_DIMS, KernelConfig, configs_for, padded_head_dim
+
+DTYPES = ("fp16", "bf16")
+MODES = ("joint", "image")
+# Largest dynamic shared memory one block may use (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
+SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+
+
+@dataclass(frozen=True)
+class Job:
+    arch: int
+    dtype: str
+    mode: str
+    head_dim: int
+    config: KernelConfig
+
+
+@dataclass
+class Result:
+    arch: int
+    dtype: str
+    mode: str
+    head_dim: int
+    block_d: int
+    config: str
+    ok: bool = False
+    shared: int = -1
+    registers: int = -1
+    spill_stores: int = -1
+    spill_loads: int = -1
+    mma: int = -1
+    mma_kind: str = ""
+    seconds: float = 0.0
+    error: str = ""
+
+    @property
+    def failures(self) -> list[str]:
+        problems = []
+        if not self.ok:
+            problems.append(f"compile failed: {self.error}")
+            return problems
+        if self.spill_stores or self.spill_loads:
+            problems.append(f"spills {self.spill_stores}/{self.spill_loads} bytes")
+        if self.shared > SHARED_MEMORY_LIMIT[self.arch]:
+            problems.append(f"shared memory {self.shared} > {SHARED_MEMORY_LIMIT[self.arch]}")
+        if self.mma <= 0:
+            problems.append("no tensor-core instructions")
+        return problems
+
+
+def all_jobs(archs=ARCHS, dtypes=DTYPES, modes=MODES, head_dims=COMPILED_HEAD_DIMS) -> list[Job]:
+    return [
+        Job(arch, dtype, mode, head_dim, config)
+        for arch in archs
+        for dtype in dtypes
+        for mode in modes
+        for head_dim in head_dims
+        for config in configs_for(arch, padded_head_dim(head_dim), mode)
+    ]
+
+
+def _nvidia_tool(name: str) -> str:
+    import triton
+
+    folder = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    path = os.path.join(folder, name)
+    if name == "ptxas-blackwell" and not os.path.exists(path):
+        path = os.path.join(folder, "ptxas")  # older triton: its own ptxas reads its own PTX
+    return path
+
+
+def _ptxas_report(ptx: str) -> tuple[int, int, int]:
+    """Registers, spill-store bytes and spill-load bytes that ``ptxas -v`` reports for the PTX."""
+    target = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run(
+            [_nvidia_tool("ptxas-blackwell"), "-v", f"--gpu-name={target}", src, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True, text=True, check=True,
+        )
+    log = proc.stdout + proc.stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return regs, int(spills.group(1)), int(spills.group(2))
+
+
+def _mma_count(cubin: bytes) -> tuple[int, str]:
+    """Tensor-core instructions in the SASS: HGMMA (Hopper warpgroup MMA) or HMMA."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([_nvidia_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    hgmma = len(re.findall(r"\bHGMMA\b", sass))
+    hmma = len(re.findall(r"\bHMMA\b", sass))
+    return (hgmma, "HGMMA") if hgmma else (hmma, "HMMA")
+
+
+def _signature(dtype: str, fn) -> dict[str, str]:
+    constexprs = {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "IMAGE_MODE", "INPUT_PRECISION", "COUNT_VISITS"}
+    pointers = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "U": "*fp32", "VISITS": "*i32"}
+    sig = {}
+    for name in fn.arg_names:
+        if name in pointers:
+            sig[name] = pointers[name]
+        elif name in constexprs or name.endswith("_d") and name.startswith("stride_"):
+            sig[name] = "constexpr"
+        elif name == "qk_scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_one(job: Job) -> Result:
+    """Compiles one config in this (non-interpreted) process and measures it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from .triton_kernel import _perturbed_attention_fwd as fn
+
+    block_d = padded_head_dim(job.head_dim)
+    result = Result(job.arch, job.dtype, job.mode, job.head_dim, block_d, str(job.config))
+    start = time.perf_counter()
+    try:
+        sig = _signature(job.dtype, fn)
+        constexprs = {
+            "HEAD_DIM": job.head_dim, "BLOCK_D": block_d, "BLOCK_M": job.config.BLOCK_M,
+            "BLOCK_N": job.config.BLOCK_N, "IMAGE_MODE": job.mode == "image", "INPUT_PRECISION": "ieee",
+            "COUNT_VISITS": False,
+            **{name: 1 for name, kind in sig.items() if kind == "constexpr" and name.startswith("stride_")},
+        }
+        # What the JIT infers for aligned pointers, and for strides when the head dim is a multiple of 16.
+        aligned = [n for n, kind in sig.items() if kind.startswith("*")]
+        if job.head_dim % 16 == 0:
+            aligned += [n for n, kind in sig.items() if n.startswith("stride_") and kind == "i32"]
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+        kernel = triton.compile(
+            src,
+            target=GPUTarget("cuda", job.arch, 32),
+            options={"num_warps": job.config.num_warps, "num_stages": job.config.num_stages},
+        )
+        result.shared = int(kernel.metadata.shared)
+        result.registers, result.spill_stores, result.spill_loads = _ptxas_report(kernel.asm["ptx"])
+        result.mma, result.mma_kind = _mma_count(kernel.asm["cubin"])
+        result.ok = True
+    except Exception as err:  # reported in the table; the exit status says it failed
+        result.error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"[:200]
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def format_table(results: list[Result]) -> str:
+    header = ("arch", "dtype", "mode", "D", "BLOCK_D", "config", "smem B", "regs", "spill st/ld", "MMA", "status")
+    rows = [header]
+    for r in results:
+        status = "ok" if not r.failures else "; ".join(r.failures)
+        rows.append((
+            f"sm_{r.arch}", r.dtype, r.mode, str(r.head_dim), str(r.block_d), r.config, str(r.shared),
+            str(r.registers), f"{r.spill_stores}/{r.spill_loads}", f"{r.mma} {r.mma_kind}", status,
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def run(jobs: list[Job], workers: int) -> list[Result]:
+    env_before = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            return list(pool.map(compile_one, jobs))
+    finally:
+        if env_before is not None:
+            os.environ["TRITON_INTERPRET"] = env_before
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m headpag.kernels.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS, help="compute capabilities")
+    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--head-dim", type=int, nargs="+", default=list(COMPILED_HEAD_DIMS), help="head dims to compile")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    for d in args.head_dim:
+        padded_head_dim(d)
+
+    jobs = all_jobs(args.arch, args.dtype, args.mode, args.head_dim)
+    start = time.perf_counter()
+    results = run(jobs, args.workers)
+    elapsed = time.perf_counter() - start
+    print(format_table(results))
+    failed = [r for r in results if r.failures]
+    print(
+        f"\n{len(results)} configs compiled in {elapsed:.0f} s with {args.workers} workers: "
+        f"{len(results) - len(failed)} ok, {len(failed)} failed; max registers "
+        f"{max((r.registers for r in results), default=0)}, max shared memory {max((r.shared for r in results), default=0)} B"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) | {"failures": r.failures} for r in results], f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
