@@ -3,18 +3,25 @@
 Imports torch and, when installed, triton; never diffusers.
 """
 
-from .flops import attention_flops
-from .perturbed_attention import HAS_TRITON, perturbed_attention
-from .reference import reference_attention
-from .validation import IDENTITY, PLAIN, SOFT, plan_from_u
+if __name__ != "headpag.kernels":
+    # This folder is installed as headpag.kernels only. From a checkout's root (``python -m pytest``, ``python -m
+    # headpag``) it is also importable as a top-level "kernels", and transformers imports whatever answers to
+    # that name while probing for the hub package "kernels". Stay inert there: importing the modules twice would
+    # register the custom op twice, from two copies of the code.
+    __all__ = []
+else:
+    from .flops import attention_flops
+    from .perturbed_attention import HAS_TRITON, perturbed_attention
+    from .reference import reference_attention
+    from .validation import IDENTITY, PLAIN, SOFT, plan_from_u
 
-__all__ = [
-    "HAS_TRITON",
-    "IDENTITY",
-    "PLAIN",
-    "SOFT",
-    "attention_flops",
-    "perturbed_attention",
-    "plan_from_u",
-    "reference_attention",
-]
+    __all__ = [
+        "HAS_TRITON",
+        "IDENTITY",
+        "PLAIN",
+        "SOFT",
+        "attention_flops",
+        "perturbed_attention",
+        "plan_from_u",
+        "reference_attention",
+    ]

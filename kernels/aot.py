@@ -192,8 +192,28 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def format_summary(results: list[Result]) -> str:
+    """One row per (arch, mode, padded head dim): configs, worst registers / spills / shared memory, MMA kind."""
+    groups: dict[tuple, list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.arch, r.mode, r.block_d), []).append(r)
+    lines = [
+        "| arch | mode | BLOCK_D | configs compiled (ok) | max regs | max spill B | max smem B | tensor cores |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (arch, mode, block_d), rs in sorted(groups.items()):
+        ok = [r for r in rs if not r.failures]
+        kinds = sorted({r.mma_kind for r in rs if r.mma_kind})
+        lines.append(
+            f"| sm_{arch} | {mode} | {block_d} | {len(rs)} ({len(ok)}) | {max(r.registers for r in rs)} | "
+            f"{max(r.spill_stores + r.spill_loads for r in rs)} | {max(r.shared for r in rs)} | {'/'.join(kinds)} |"
+        )
+    return "\n".join(lines)
+
+
 def run(jobs: list[Job], workers: int) -> list[Result]:
     env_before = os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated so it does not warn
     try:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
@@ -220,6 +240,8 @@ def main(argv=None) -> int:
     results = run(jobs, args.workers)
     elapsed = time.perf_counter() - start
     print(format_table(results))
+    print()
+    print(format_summary(results))
     failed = [r for r in results if r.failures]
     print(
         f"\n{len(results)} configs compiled in {elapsed:.0f} s with {args.workers} workers: "

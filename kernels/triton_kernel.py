@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .configs import INTERPRETER_CONFIG, configs_for, padded_head_dim
+from .validation import logical_shape
 
 LOG2E = 1.0 / math.log(2.0)
 
@@ -252,10 +253,7 @@ def triton_perturbed_attention(
             f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before importing "
             f"triton), got device {q.device}; use backend='torch' or 'auto'"
         )
-    if layout == "bhnd":
-        B, H, N, D = q.shape
-    else:
-        B, N, H, D = q.shape
+    B, H, N, D = logical_shape(q, layout)
     block_d = padded_head_dim(D)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     text_lo, text_hi = text_span(N, n_text, text_first)

@@ -16,9 +16,8 @@ It decides the work done, so the fake implementation and the FLOP formula use it
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Sequence, Union
+from typing import NamedTuple, Sequence, Union
 
 import torch
 
@@ -33,8 +32,7 @@ UType = Union[torch.Tensor, Real, Sequence]
 PlanType = Union[torch.Tensor, int, Sequence]
 
 
-@dataclass(frozen=True)
-class AttentionShape:
+class AttentionShape(NamedTuple):
     """Logical sizes of one call: batch rows, heads, sequence length, head dim."""
 
     B: int
@@ -61,15 +59,12 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) ->
         if t.dtype != q.dtype:
             raise TypeError(f"{name}.dtype {t.dtype} differs from q.dtype {q.dtype}; q, k, v must share a dtype")
         if t.shape != q.shape:
-            what = "sequence length" if _seq_dim(layout) is not None and t.shape[_seq_dim(layout)] != q.shape[_seq_dim(layout)] else "shape"
+            what = "sequence length" if t.shape[_seq_dim(layout)] != q.shape[_seq_dim(layout)] else "shape"
             raise ValueError(
                 f"{name} {what} differs from q: {tuple(t.shape)} vs {tuple(q.shape)}; the identity map needs "
                 f"q, k, v of one shape"
             )
-    if layout == "bhnd":
-        B, H, N, D = q.shape
-    else:
-        B, N, H, D = q.shape
+    B, H, N, D = logical_shape(q, layout)
     if min(B, H, N, D) < 1:
         raise ValueError(f"q has an empty dimension: shape {tuple(q.shape)}")
     if any(t.requires_grad for t in (q, k, v)) and torch.is_grad_enabled():
@@ -77,6 +72,15 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) ->
             "perturbed_attention is inference only: q, k or v requires grad. Call it under torch.no_grad() "
             "or torch.inference_mode(), or pass detached tensors"
         )
+    return AttentionShape(B, H, N, D)
+
+
+def logical_shape(q: torch.Tensor, layout: str) -> AttentionShape:
+    """``(B, H, N, D)`` of a tensor in ``layout`` ("bhnd" or "bnhd")."""
+    if layout == "bhnd":
+        B, H, N, D = q.shape
+    else:
+        B, N, H, D = q.shape
     return AttentionShape(B, H, N, D)
 
 
