@@ -3,7 +3,20 @@
 from .heads import HeadSet
 from .kernels import perturbed_attention, reference_attention
 from .layers import LayerInfo, list_layers
+from .patch import configure, disable, enable_eager, enable_fused, fused
 
 __version__ = "0.1.0"
 
-__all__ = ["HeadSet", "LayerInfo", "list_layers", "perturbed_attention", "reference_attention", "__version__"]
+__all__ = [
+    "HeadSet",
+    "LayerInfo",
+    "configure",
+    "disable",
+    "enable_eager",
+    "enable_fused",
+    "fused",
+    "list_layers",
+    "perturbed_attention",
+    "reference_attention",
+    "__version__",
+]

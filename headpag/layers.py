@@ -36,7 +36,7 @@ from typing import Callable, Iterator
 
 from torch import nn
 
-__all__ = ["LayerInfo", "SUPPORTED_CLASSES", "get_denoiser", "list_layers", "model_class_name"]
+__all__ = ["LayerInfo", "SUPPORTED_CLASSES", "forward_units", "get_denoiser", "list_layers", "model_class_name"]
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,20 @@ def list_layers(model_or_pipe: object) -> list[LayerInfo]:
         heads = int(attn.heads)
         layers.append(LayerInfo(len(layers), name, heads, int(attn.inner_dim) // heads, spec.kind, fork_unit))
     return layers
+
+
+def forward_units(model_or_pipe: object) -> list[str]:
+    """Names of the modules the denoiser's forward loop calls one after another (the candidate fork units), in
+    forward order: SD3/PixArt/DiT ``transformer_blocks.i``; Flux double then single blocks; UNet every down
+    block, the mid block, every up block (attention-free blocks included)."""
+    model = get_denoiser(model_or_pipe)
+    name = _spec_name(model)
+    if name == "UNet2DConditionModel":
+        units = [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
+        units += ["mid_block"] if model.mid_block is not None else []
+        return units + [f"up_blocks.{i}" for i in range(len(model.up_blocks))]
+    lists = ("transformer_blocks", "single_transformer_blocks") if name == "FluxTransformer2DModel" else ("transformer_blocks",)
+    return [f"{attr}.{i}" for attr in lists for i in range(len(getattr(model, attr)))]
 
 
 def model_class_name(model_or_pipe: object) -> str:

@@ -1,0 +1,76 @@
+"""Combining predictions: the PAG interval and the fold of DESIGN.md ("The fused guided step", step 5).
+
+Guided prediction (epsilon or flow-matching velocity alike), PAG scale ``w``, CFG scale ``s``:
+
+    CFG on:  pred = pred_uncond + s * (pred_cond - pred_uncond) + w * (pred_cond - pred_perturbed)
+    CFG off: pred = pred_cond + w * (pred_cond - pred_perturbed)
+
+The fold adds ``delta = w * (pred_cond - pred_perturbed)`` (computed in float32) to the uncond and the cond rows
+alike; the pipeline's own CFG arithmetic then returns exactly the guided prediction for any ``s``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .rows import RowLayout
+
+
+def check_interval(interval) -> tuple[float, float]:
+    """``(start, stop)`` with ``0 <= start <= stop <= 1``; raises ``ValueError`` otherwise."""
+    try:
+        start, stop = (float(x) for x in interval)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"interval must be a pair (start, stop) of numbers in [0, 1], got {interval!r}") from err
+    if not (0.0 <= start <= stop <= 1.0) or math.isnan(start) or math.isnan(stop):
+        raise ValueError(f"interval must satisfy 0 <= start <= stop <= 1, got {interval!r}")
+    return start, stop
+
+
+def check_scale(scale) -> float:
+    """The PAG scale ``w``: a finite number >= 0."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a finite number >= 0, got {scale!r}")
+    scale = float(scale)
+    if not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"scale must be a finite number >= 0, got {scale}")
+    return scale
+
+
+def step_position(timesteps: torch.Tensor, timestep) -> int:
+    """Index of ``timestep`` (a number, 0-d or per-row tensor) in the scheduler's ``timesteps`` (nearest)."""
+    t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+    return int(torch.argmin((timesteps.detach().float().cpu() - t).abs()))
+
+
+def in_interval(i: int, T: int, interval: tuple[float, float]) -> bool:
+    """Step ``i`` of ``T`` is guided iff ``start <= i / T < stop``."""
+    start, stop = interval
+    return start <= i / T < stop
+
+
+def guided_channels(model) -> int | None:
+    """Channels the fold applies to: the predicted noise/velocity only for learned-sigma models (their output
+    has twice the input channels, the second half a per-row variance), all channels (None) otherwise."""
+    cfg = getattr(model, "config", None)
+    c_in, c_out = getattr(cfg, "in_channels", None), getattr(cfg, "out_channels", None)
+    return c_in if c_in and c_out and c_out == 2 * c_in else None
+
+
+def perturbation_delta(cond: torch.Tensor, perturbed: torch.Tensor, scale: float, channels: int | None) -> torch.Tensor:
+    """``scale * (cond - perturbed)`` in float32 (over the first ``channels`` channels when given)."""
+    delta = scale * (cond.float() - perturbed.float())
+    if channels is not None:
+        delta[:, channels:] = 0
+    return delta
+
+
+def fold(base: torch.Tensor, layout: RowLayout, delta: torch.Tensor) -> torch.Tensor:
+    """``base`` (the ``n_base`` rows) with ``delta`` added to the cond rows and to the uncond rows alike."""
+    out = base.float().clone()
+    out[layout.cond.start:layout.cond.stop] += delta
+    if layout.uncond is not None:
+        out[layout.uncond.start:layout.uncond.stop] += delta
+    return out.to(base.dtype)

@@ -1,0 +1,342 @@
+"""enable_fused / enable_eager / disable / configure / fused: head-level PAG on a standard diffusers pipeline.
+
+Everything is attached with diffusers' hook registry, so the denoiser keeps its identity, every processor stays
+the same object, and ``disable`` removes exactly what was added:
+
+- a hook on the denoiser decides per call whether this step is guided (PAG interval, ``scale > 0``), finds the
+  pipeline's row layout, runs the guided forward and folds ``delta = w * (cond - perturbed)`` into the uncond
+  and cond rows (``guidance.py``);
+- fused: the per-row denoiser inputs are widened at entry with a twin of every cond row; every forward-loop unit
+  before the first *fork unit* that holds a selected head runs on the base rows only (its per-row inputs
+  narrowed, its outputs widened by copying the cond rows), so the twins cost nothing until the fork;
+- eager: a separate forward on the cond rows with the perturbed maps materialised (the paper's way), kept as
+  oracle and benchmark baseline;
+- a hook on each selected attention module routes its attention to the kernel (``processors.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from .guidance import check_interval, check_scale, fold, guided_channels, in_interval, perturbation_delta, step_position
+from .heads import HeadSet
+from .kernels import perturbed_attention, reference_attention
+from .kernels.validation import IDENTITY, PLAIN, SOFT
+from .layers import LayerInfo, forward_units, get_denoiser, list_layers, model_class_name
+from .processors import PerturbedSDPA, RowCoefficients, check_default_processor
+from .rows import DENOISER_ROW_ARGS, UNIT_ROW_ARGS, RowLayout, first_tensor, get_argument, map_arguments, replace_sample, take_rows, widen
+
+MODES = ("joint", "image")
+_DENOISER_HOOK = "headpag_guidance"
+_UNIT_HOOK = "headpag_rows"
+_ATTENTION_HOOK = "headpag_attention"
+
+# Pipelines whose denoiser call order headpag knows: how uncond and cond rows are laid out in one call.
+#   "uncond_cond": one call per step, rows [uncond, cond] with CFG (pipe.do_classifier_free_guidance), else [cond]
+#   "cond_uncond": DiT, rows [cond, uncond] with CFG (second half all null class labels), else [cond]
+PIPELINE_ROW_LAYOUTS = {
+    "StableDiffusionPipeline": "uncond_cond",
+    "StableDiffusionXLPipeline": "uncond_cond",
+    "StableDiffusion3Pipeline": "uncond_cond",
+    "DiTPipeline": "cond_uncond",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a patched pipeline does: heads (resolved, per-head u), PAG scale, mode and interval."""
+
+    heads: HeadSet
+    scale: float
+    mode: str
+    interval: tuple[float, float]
+
+
+def _settings(denoiser, heads, scale, u, mode, interval) -> Settings:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    heads = HeadSet.from_any(heads).resolve(denoiser)
+    if u is not None:
+        heads = heads.with_u(u)
+    if not len(heads):
+        raise ValueError("heads is empty: select at least one (layer, head), e.g. '4:0' or [(4, 0)]")
+    return Settings(heads, check_scale(scale), mode, check_interval(interval))
+
+
+def _row_layout(pipe, kind: str, denoiser, forward, args, kwargs) -> RowLayout | None:
+    """The layout of this call, or None for a call that is neither a plain uncond/cond call (SD3's skip-layer
+    guidance pass)."""
+    if get_argument(forward, "skip_layers", args, kwargs) is not None:
+        return None
+    sample = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+    n = sample.shape[0]
+    if kind == "uncond_cond":
+        if getattr(pipe, "guidance_rescale", 0.0):
+            raise ValueError(
+                "guidance_rescale > 0 is not supported with headpag: it rescales against the cond prediction, which "
+                "the fold has moved; call the pipeline with guidance_rescale=0"
+            )
+        if pipe.do_classifier_free_guidance:
+            return RowLayout(n, range(n // 2, n), range(0, n // 2))
+        return RowLayout(n, range(0, n), None)
+    labels = get_argument(forward, "class_labels", args, kwargs)
+    null = denoiser.config.num_embeds_ada_norm
+    if n % 2 == 0 and labels is not None and bool((labels[n // 2:] == null).all()):
+        return RowLayout(n, range(0, n // 2), range(n // 2, n))
+    return RowLayout(n, range(0, n), None)
+
+
+class _Call:
+    """State of one guided denoiser call, read by the unit and attention hooks."""
+
+    def __init__(self, patch: "_Patch", layout: RowLayout, perturbed_rows: range, n_rows: int, n_text: int, device):
+        self.layout = layout
+        self.n_rows = n_rows
+        self.coefficients: dict[str, RowCoefficients] = {}
+        for layer in patch.selected_layers:
+            heads = patch.settings.heads.u_for(layer.index)
+            u = torch.zeros(n_rows, layer.heads, dtype=torch.float32)
+            for h, coef in heads.items():
+                u[perturbed_rows.start:perturbed_rows.stop, h] = coef
+            plan = [[PLAIN if x == 0 else IDENTITY if x == 1 else SOFT for x in row] for row in u.tolist()]
+            text_first = patch.model_class == "FluxTransformer2DModel"
+            self.coefficients[layer.name] = RowCoefficients(
+                u.to(device), plan, patch.settings.mode, n_text if layer.kind == "joint" else 0, text_first
+            )
+
+
+class _DenoiserHook(ModelHook):
+    def __init__(self, patch: "_Patch"):
+        super().__init__()
+        self.patch = patch
+
+    def new_forward(self, module, *args, **kwargs):
+        return self.patch.denoise(self.fn_ref.original_forward, args, kwargs)
+
+
+class _UnitHook(ModelHook):
+    """Runs a forward-loop unit before the fork on the base rows only, then gives its outputs their twins."""
+
+    def __init__(self, patch: "_Patch", position: int, names: tuple[str, ...]):
+        super().__init__()
+        self.patch = patch
+        self.position = position
+        self.names = names
+
+    def new_forward(self, module, *args, **kwargs):
+        forward = self.fn_ref.original_forward
+        call = self.patch.call
+        if call is None or not self.patch.fused or self.position >= self.patch.fork_position:
+            return forward(*args, **kwargs)
+        layout = call.layout
+        args, kwargs = map_arguments(forward, self.names, args, kwargs, lambda v: take_rows(v, layout.n_rows, range(layout.n_base)))
+        return widen(forward(*args, **kwargs), layout)
+
+
+class _AttentionHook(ModelHook):
+    def __init__(self, patch: "_Patch", name: str):
+        super().__init__()
+        self.patch = patch
+        self.name = name
+
+    def new_forward(self, module, *args, **kwargs):
+        call = self.patch.call
+        forward = self.fn_ref.original_forward
+        if call is None:
+            return forward(*args, **kwargs)
+        attention = perturbed_attention if self.patch.fused else reference_attention
+        with PerturbedSDPA(attention, call.coefficients[self.name], self.name):
+            return forward(*args, **kwargs)
+
+
+class _Patch:
+    """Everything enable_* attached to one pipeline, so that disable can take it away again."""
+
+    def __init__(self, pipe, denoiser, execution: str, settings: Settings):
+        self.pipe_ref = weakref.ref(pipe)
+        self.denoiser = denoiser
+        self.model_class = model_class_name(denoiser)
+        self.fused = execution == "fused"
+        self.layers: list[LayerInfo] = list_layers(denoiser)
+        self.units = forward_units(denoiser)
+        self.channels = guided_channels(denoiser)
+        self.row_kind = PIPELINE_ROW_LAYOUTS[type(pipe).__name__]
+        self.call: _Call | None = None
+        self._step_delta: tuple[int, torch.Tensor] | None = None
+        self._hooked: list[tuple[torch.nn.Module, str]] = []
+        self._new_registries: list[torch.nn.Module] = []
+        self.settings = settings
+        self._select(settings)
+        self._hook(denoiser, _DenoiserHook(self), _DENOISER_HOOK)
+        for position, unit in enumerate(self.units):
+            module = denoiser.get_submodule(unit)
+            names = UNIT_ROW_ARGS.get(type(module).__name__)
+            if names is None:
+                raise TypeError(f"unit {unit} of {self.model_class} is a {type(module).__name__}, whose per-row arguments headpag does not know")
+            self._hook(module, _UnitHook(self, position, names), _UNIT_HOOK)
+
+    # --- settings -------------------------------------------------------------------------------------------
+    def _select(self, settings: Settings) -> None:
+        """Checks and hooks the layers of ``settings.heads``; unhooks layers no longer selected."""
+        selected = [self.layers[i] for i in settings.heads.layers()]
+        for layer in selected:
+            check_default_processor(layer.name, self.denoiser.get_submodule(layer.name))
+        for module, name in list(self._hooked):
+            if name == _ATTENTION_HOOK and module not in [self.denoiser.get_submodule(l.name) for l in selected]:
+                self._unhook(module, name)
+        hooked = {id(m) for m, n in self._hooked if n == _ATTENTION_HOOK}
+        for layer in selected:
+            module = self.denoiser.get_submodule(layer.name)
+            if id(module) not in hooked:
+                self._hook(module, _AttentionHook(self, layer.name), _ATTENTION_HOOK)
+        self.selected_layers = selected
+        self.fork_position = min(self.units.index(layer.fork_unit) for layer in selected)
+        self.settings = settings
+
+    # --- hooks ----------------------------------------------------------------------------------------------
+    def _hook(self, module, hook, name) -> None:
+        if getattr(module, "_diffusers_hook", None) is None:
+            self._new_registries.append(module)
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+        self._hooked.append((module, name))
+
+    def _unhook(self, module, name) -> None:
+        module._diffusers_hook.remove_hook(name, recurse=False)
+        self._hooked.remove((module, name))
+
+    def remove(self) -> None:
+        for module, name in reversed(list(self._hooked)):
+            self._unhook(module, name)
+        for module in self._new_registries:
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None and not registry.hooks:
+                del module._diffusers_hook
+        self.denoiser._diffusers_hook.invalidate_child_registries_cache() if hasattr(self.denoiser, "_diffusers_hook") else None
+
+    # --- the guided call -----------------------------------------------------------------------------------
+    def denoise(self, forward, args: tuple, kwargs: dict) -> Any:
+        pipe = self.pipe_ref()
+        settings = self.settings
+        timestep = get_argument(forward, "timestep", args, kwargs)
+        timesteps = pipe.scheduler.timesteps
+        step = step_position(timesteps, timestep)
+        guided = settings.scale > 0 and in_interval(step, len(timesteps), settings.interval)
+        if not guided:
+            return forward(*args, **kwargs)
+        layout = _row_layout(pipe, self.row_kind, self.denoiser, forward, args, kwargs)
+        if layout is None:  # SD3's skip-layer-guidance pass on the cond rows: shift it with the cond rows
+            out = forward(*args, **kwargs)
+            if self._step_delta is not None and self._step_delta[0] == step:
+                sample = first_tensor(out)
+                out = replace_sample(out, (sample.float() + self._step_delta[1]).to(sample.dtype))
+            return out
+        ehs = get_argument(forward, "encoder_hidden_states", args, kwargs)
+        n_text = ehs.shape[1] if isinstance(ehs, torch.Tensor) and ehs.dim() == 3 else 0
+        names = DENOISER_ROW_ARGS[self.model_class]
+        sample_in = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        if self.fused:
+            wide_args, wide_kwargs = map_arguments(forward, names, args, kwargs, lambda v: widen(v, layout))
+            self.call = _Call(self, layout, layout.twins, layout.n_rows, n_text, sample_in.device)
+            try:
+                out = forward(*wide_args, **wide_kwargs)
+            finally:
+                self.call = None
+            sample = first_tensor(out)
+            base, perturbed = sample[: layout.n_base], sample[layout.n_base:]
+        else:
+            out = forward(*args, **kwargs)
+            base = first_tensor(out)
+            cond_args, cond_kwargs = map_arguments(forward, names, args, kwargs, lambda v: take_rows(v, layout.n_base, layout.cond))
+            self.call = _Call(self, layout, range(len(layout.cond)), len(layout.cond), n_text, sample_in.device)
+            try:
+                perturbed = first_tensor(forward(*cond_args, **cond_kwargs))
+            finally:
+                self.call = None
+        delta = perturbation_delta(base[layout.cond.start:layout.cond.stop], perturbed, settings.scale, self.channels)
+        self._step_delta = (step, delta)
+        return replace_sample(out, fold(base, layout, delta))
+
+
+def _patch_of(pipe) -> _Patch | None:
+    denoiser = get_denoiser(pipe)
+    return _PATCHES.get(denoiser)
+
+
+_PATCHES: "weakref.WeakKeyDictionary[torch.nn.Module, _Patch]" = weakref.WeakKeyDictionary()
+
+
+def _enable(pipe, heads, scale, u, mode, interval, execution) -> None:
+    name = type(pipe).__name__
+    if name not in PIPELINE_ROW_LAYOUTS:
+        raise TypeError(f"unsupported pipeline {name}: headpag supports {', '.join(PIPELINE_ROW_LAYOUTS)}")
+    denoiser = get_denoiser(pipe)
+    settings = _settings(denoiser, heads, scale, u, mode, interval)
+    if denoiser in _PATCHES:
+        disable(pipe)
+    _PATCHES[denoiser] = _Patch(pipe, denoiser, execution, settings)
+
+
+def enable_fused(pipe, heads, *, scale: float = 3.0, u: float | None = None, mode: str = "joint",
+                 interval: tuple[float, float] = (0.0, 1.0)) -> None:
+    """Patches ``pipe`` in place so that a plain ``pipe(...)`` call makes head-level PAG guided samples.
+
+    Args:
+        pipe: a supported diffusers pipeline (see ``PIPELINE_ROW_LAYOUTS``).
+        heads: the heads to perturb: a :class:`HeadSet` or anything it parses (``"4:0,4:3@0.5"``, tuples, dicts).
+        scale: PAG scale ``w`` (>= 0; 0 computes no perturbed rows).
+        u: overrides every head's coefficient (SoftPAG when < 1); None keeps the HeadSet's values.
+        mode: ``"joint"`` (identity over the whole sequence) or ``"image"`` (diffusers' SD3 PAG: image-image block).
+        interval: ``(start, stop)``: step ``i`` of ``T`` is guided iff ``start <= i / T < stop``.
+
+    Enabling again replaces the settings (never stacks); :func:`disable` restores the pipeline exactly.
+    """
+    _enable(pipe, heads, scale, u, mode, interval, "fused")
+
+
+def enable_eager(pipe, heads, *, scale: float = 3.0, u: float | None = None, mode: str = "joint",
+                 interval: tuple[float, float] = (0.0, 1.0)) -> None:
+    """Like :func:`enable_fused`, executed the straightforward way: a separate perturbed forward per guided step
+    with the perturbed maps ``(1-u)*A + u*P`` materialised. The oracle and benchmark baseline."""
+    _enable(pipe, heads, scale, u, mode, interval, "eager")
+
+
+def disable(pipe) -> None:
+    """Removes every hook headpag attached to ``pipe`` (no-op when it is not patched)."""
+    denoiser = get_denoiser(pipe)
+    patch = _PATCHES.pop(denoiser, None)
+    if patch is not None:
+        patch.remove()
+
+
+def configure(pipe, *, scale: float | None = None, heads=None, u: float | None = None,
+              interval: tuple[float, float] | None = None, mode: str | None = None) -> None:
+    """Changes the settings of a patched pipeline between calls, without re-patching."""
+    patch = _patch_of(pipe)
+    if patch is None:
+        raise ValueError("pipe is not patched: call headpag.enable_fused(pipe, heads) or enable_eager first")
+    s = patch.settings
+    new = _settings(
+        patch.denoiser,
+        heads if heads is not None else s.heads,
+        s.scale if scale is None else scale,
+        u,
+        s.mode if mode is None else mode,
+        s.interval if interval is None else interval,
+    )
+    patch._select(new)
+
+
+@contextlib.contextmanager
+def fused(pipe, heads, **kwargs):
+    """``with headpag.fused(pipe, heads, scale=...):`` enables the fused patch for the block, then disables it."""
+    enable_fused(pipe, heads, **kwargs)
+    try:
+        yield pipe
+    finally:
+        disable(pipe)
