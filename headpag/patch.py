@@ -17,12 +17,14 @@ the same object, and ``disable`` removes exactly what was added:
 from __future__ import annotations
 
 import contextlib
+import sys
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
 
 from .guidance import check_interval, check_scale, fold, guided_channels, in_interval, perturbation_delta, step_position
 from .heads import HeadSet
@@ -39,12 +41,19 @@ _ATTENTION_HOOK = "headpag_attention"
 
 # Pipelines whose denoiser call order headpag knows: how uncond and cond rows are laid out in one call.
 #   "uncond_cond": one call per step, rows [uncond, cond] with CFG (pipe.do_classifier_free_guidance), else [cond]
+#   "uncond_cond_local": the same, CFG read from the pipeline's local ``do_classifier_free_guidance`` (PixArt keeps
+#       no attribute for it)
 #   "cond_uncond": DiT, rows [cond, uncond] with CFG (second half all null class labels), else [cond]
+#   "separate": Flux, the cond rows in one call under cache_context("cond"), with true CFG the uncond rows in a
+#       second call under cache_context("uncond"); delta from the cond call is added in the uncond call
 PIPELINE_ROW_LAYOUTS = {
     "StableDiffusionPipeline": "uncond_cond",
     "StableDiffusionXLPipeline": "uncond_cond",
     "StableDiffusion3Pipeline": "uncond_cond",
+    "PixArtSigmaPipeline": "uncond_cond_local",
+    "PixArtAlphaPipeline": "uncond_cond_local",
     "DiTPipeline": "cond_uncond",
+    "FluxPipeline": "separate",
 }
 
 
@@ -76,13 +85,16 @@ def _row_layout(pipe, kind: str, denoiser, forward, args, kwargs) -> RowLayout |
         return None
     sample = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
     n = sample.shape[0]
-    if kind == "uncond_cond":
+    if kind == "separate":
+        return RowLayout(n, range(0, n), None)
+    if kind in ("uncond_cond", "uncond_cond_local"):
         if getattr(pipe, "guidance_rescale", 0.0):
             raise ValueError(
                 "guidance_rescale > 0 is not supported with headpag: it rescales against the cond prediction, which "
                 "the fold has moved; call the pipeline with guidance_rescale=0"
             )
-        if pipe.do_classifier_free_guidance:
+        cfg = pipe.do_classifier_free_guidance if kind == "uncond_cond" else _caller_local(pipe, "do_classifier_free_guidance")
+        if cfg:
             return RowLayout(n, range(n // 2, n), range(0, n // 2))
         return RowLayout(n, range(0, n), None)
     labels = get_argument(forward, "class_labels", args, kwargs)
@@ -90,6 +102,21 @@ def _row_layout(pipe, kind: str, denoiser, forward, args, kwargs) -> RowLayout |
     if n % 2 == 0 and labels is not None and bool((labels[n // 2:] == null).all()):
         return RowLayout(n, range(0, n // 2), range(n // 2, n))
     return RowLayout(n, range(0, n), None)
+
+
+def _caller_local(pipe, name: str):
+    """The local variable ``name`` of the innermost running method of ``pipe`` (its ``__call__``)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_locals.get("self") is pipe and name in frame.f_locals:
+            return frame.f_locals[name]
+        frame = frame.f_back
+    raise RuntimeError(f"{type(pipe).__name__}'s denoiser was called outside the pipeline's __call__: cannot tell its rows")
+
+
+class _NoState(BaseState):
+    def reset(self, *args, **kwargs) -> None:
+        pass
 
 
 class _Call:
@@ -112,12 +139,20 @@ class _Call:
 
 
 class _DenoiserHook(ModelHook):
+    # Stateful so that diffusers' cache_context (Flux: "cond" / "uncond") reaches it.
+    _is_stateful = True
+
     def __init__(self, patch: "_Patch"):
         super().__init__()
         self.patch = patch
+        self.context = StateManager(_NoState)
 
     def new_forward(self, module, *args, **kwargs):
-        return self.patch.denoise(self.fn_ref.original_forward, args, kwargs)
+        context = self.context._context
+        return self.patch.denoise(self.fn_ref.original_forward, args, kwargs, context.name if context else None)
+
+    def reset_state(self, module):
+        return module
 
 
 class _UnitHook(ModelHook):
@@ -220,17 +255,20 @@ class _Patch:
         self.denoiser._diffusers_hook.invalidate_child_registries_cache() if hasattr(self.denoiser, "_diffusers_hook") else None
 
     # --- the guided call -----------------------------------------------------------------------------------
-    def denoise(self, forward, args: tuple, kwargs: dict) -> Any:
+    def denoise(self, forward, args: tuple, kwargs: dict, context: str | None) -> Any:
         pipe = self.pipe_ref()
         settings = self.settings
         timestep = get_argument(forward, "timestep", args, kwargs)
+        if self.model_class == "FluxTransformer2DModel":
+            timestep = timestep * 1000  # FluxPipeline passes t / 1000
         timesteps = pipe.scheduler.timesteps
         step = step_position(timesteps, timestep)
         guided = settings.scale > 0 and in_interval(step, len(timesteps), settings.interval)
         if not guided:
             return forward(*args, **kwargs)
         layout = _row_layout(pipe, self.row_kind, self.denoiser, forward, args, kwargs)
-        if layout is None:  # SD3's skip-layer-guidance pass on the cond rows: shift it with the cond rows
+        if layout is None or context == "uncond":
+            # SD3's skip-layer-guidance pass, Flux's true-CFG uncond call: shifted by this step's delta
             out = forward(*args, **kwargs)
             if self._step_delta is not None and self._step_delta[0] == step:
                 sample = first_tensor(out)

@@ -67,7 +67,7 @@ class PerturbedSDPA(TorchFunctionMode):
                 f"an attention mask reached the selected layer {self.layer}; perturbed attention supports unmasked "
                 f"attention only (choose heads in other layers or drop the mask)"
             )
-        if call.get("dropout_p", 0.0) or call.get("is_causal", False):
+        if call.get("dropout_p", 0.0) or call.get("is_causal", False) or call.get("enable_gqa", False):
             raise ValueError(f"selected layer {self.layer} runs attention with dropout or a causal mask: unsupported")
         q, k, v = call["query"], call["key"], call["value"]
         if q.shape[0] != self.c.u.shape[0]:
