@@ -50,6 +50,8 @@ PIPELINE_ROW_LAYOUTS = {
     "StableDiffusionPipeline": "uncond_cond",
     "StableDiffusionXLPipeline": "uncond_cond",
     "StableDiffusion3Pipeline": "uncond_cond",
+    "StableDiffusionControlNetPipeline": "uncond_cond",
+    "StableDiffusionXLControlNetPipeline": "uncond_cond",
     "PixArtSigmaPipeline": "uncond_cond_local",
     "PixArtAlphaPipeline": "uncond_cond_local",
     "DiTPipeline": "cond_uncond",
@@ -262,8 +264,13 @@ class _Patch:
         if self.model_class == "FluxTransformer2DModel":
             timestep = timestep * 1000  # FluxPipeline passes t / 1000
         timesteps = pipe.scheduler.timesteps
-        step = step_position(timesteps, timestep)
-        guided = settings.scale > 0 and in_interval(step, len(timesteps), settings.interval)
+        if isinstance(timestep, torch.Tensor) and timestep.device.type == "meta":
+            # Costing on the meta device: the step cannot be read, so every call of a non-empty interval is guided.
+            step = -1
+            guided = settings.scale > 0 and settings.interval[0] < settings.interval[1]
+        else:
+            step = step_position(timesteps, timestep)
+            guided = settings.scale > 0 and in_interval(step, len(timesteps), settings.interval)
         if not guided:
             return forward(*args, **kwargs)
         layout = _row_layout(pipe, self.row_kind, self.denoiser, forward, args, kwargs)
