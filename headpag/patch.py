@@ -32,7 +32,10 @@ from .kernels import perturbed_attention, reference_attention
 from .kernels.validation import IDENTITY, PLAIN, SOFT
 from .layers import LayerInfo, forward_units, get_denoiser, list_layers, model_class_name
 from .processors import PerturbedSDPA, RowCoefficients, check_default_processor
-from .rows import DENOISER_ROW_ARGS, UNIT_ROW_ARGS, RowLayout, first_tensor, get_argument, map_arguments, replace_sample, take_rows, widen
+from .rows import (
+    DENOISER_ROW_ARGS, UNIT_ROW_ARGS, RowLayout, first_tensor, get_argument, map_arguments, replace_sample, select_rows,
+    take_rows, widen,
+)
 
 MODES = ("joint", "image")
 _DENOISER_HOOK = "headpag_guidance"
@@ -122,22 +125,66 @@ class _NoState(BaseState):
 
 
 class _Call:
-    """State of one guided denoiser call, read by the unit and attention hooks."""
+    """State of one guided denoiser call, read by the unit and attention hooks.
+
+    Perturbed row ``j`` (``perturbed_rows[j]``) uses the head set ``patch.heads_of(j)``: the same set for every row
+    in a plain guided call, one set per row when HeadHunter evaluates many candidates in one batch.
+    """
 
     def __init__(self, patch: "_Patch", layout: RowLayout, perturbed_rows: range, n_rows: int, n_text: int, device):
         self.layout = layout
         self.n_rows = n_rows
+        self.device = device
+        head_sets = [patch.heads_of(j) for j in range(len(perturbed_rows))]
+        text_first = patch.model_class == "FluxTransformer2DModel"
         self.coefficients: dict[str, RowCoefficients] = {}
         for layer in patch.selected_layers:
-            heads = patch.settings.heads.u_for(layer.index)
             u = torch.zeros(n_rows, layer.heads, dtype=torch.float32)
-            for h, coef in heads.items():
-                u[perturbed_rows.start:perturbed_rows.stop, h] = coef
+            for j, heads in enumerate(head_sets):
+                for h, coef in heads.u_for(layer.index).items() if layer.index in heads.layers() else ():
+                    u[perturbed_rows[j], h] = coef
             plan = [[PLAIN if x == 0 else IDENTITY if x == 1 else SOFT for x in row] for row in u.tolist()]
-            text_first = patch.model_class == "FluxTransformer2DModel"
             self.coefficients[layer.name] = RowCoefficients(
                 u.to(device), plan, patch.settings.mode, n_text if layer.kind == "joint" else 0, text_first
             )
+        # Unit position from which each twin carries its own rows (fused calls).
+        self.fork_positions = [patch.fork_position_of(heads) for heads in head_sets]
+        self._unit_rows: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self.running: int | None = None  # position of a unit running on a subset of the rows
+        self._subsets: dict[tuple[str, int], RowCoefficients] = {}
+
+    def coefficients_for(self, layer: str) -> RowCoefficients:
+        """The layer's coefficients for the rows running now (a subset inside a unit some twins skip)."""
+        full = self.coefficients[layer]
+        if self.running is None:
+            return full
+        key = (layer, self.running)
+        if key not in self._subsets:
+            run = self.unit_rows(self.running)[0]
+            rows = run.tolist()
+            self._subsets[key] = RowCoefficients(
+                full.u.index_select(0, run.to(full.u.device)), [full.plan[r] for r in rows], full.mode, full.n_text,
+                full.text_first,
+            )
+        return self._subsets[key]
+
+    def unit_rows(self, position: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For the unit at ``position`` of a fused call: ``(rows to run, gather)`` where ``gather`` maps every row of
+        the full batch to a row of the unit's output (a twin that has not forked yet copies its cond row), or None
+        when every row runs."""
+        if position not in self._unit_rows:
+            forked = [j for j, fork in enumerate(self.fork_positions) if fork <= position]
+            if len(forked) == len(self.fork_positions):
+                self._unit_rows[position] = None
+            else:
+                n_base, cond = self.layout.n_base, self.layout.cond
+                run = list(range(n_base)) + [n_base + j for j in forked]
+                slot = {j: n_base + i for i, j in enumerate(forked)}
+                gather = list(range(n_base)) + [slot.get(j, cond.start + j) for j in range(len(self.fork_positions))]
+                self._unit_rows[position] = (
+                    torch.tensor(run, device=self.device), torch.tensor(gather, device=self.device)
+                )
+        return self._unit_rows[position]
 
 
 class _DenoiserHook(ModelHook):
@@ -158,7 +205,8 @@ class _DenoiserHook(ModelHook):
 
 
 class _UnitHook(ModelHook):
-    """Runs a forward-loop unit before the fork on the base rows only, then gives its outputs their twins."""
+    """Runs a forward-loop unit on the base rows and the twins that have forked by now; a twin that has not forked
+    yet gets a copy of its cond row's output."""
 
     def __init__(self, patch: "_Patch", position: int, names: tuple[str, ...]):
         super().__init__()
@@ -169,11 +217,17 @@ class _UnitHook(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         forward = self.fn_ref.original_forward
         call = self.patch.call
-        if call is None or not self.patch.fused or self.position >= self.patch.fork_position:
+        rows = call.unit_rows(self.position) if call is not None and self.patch.fused else None
+        if rows is None:
             return forward(*args, **kwargs)
-        layout = call.layout
-        args, kwargs = map_arguments(forward, self.names, args, kwargs, lambda v: take_rows(v, layout.n_rows, range(layout.n_base)))
-        return widen(forward(*args, **kwargs), layout)
+        run, gather = rows
+        args, kwargs = map_arguments(forward, self.names, args, kwargs, lambda v: select_rows(v, call.n_rows, run))
+        call.running = self.position
+        try:
+            out = forward(*args, **kwargs)
+        finally:
+            call.running = None
+        return select_rows(out, len(run), gather)
 
 
 class _AttentionHook(ModelHook):
@@ -188,7 +242,7 @@ class _AttentionHook(ModelHook):
         if call is None:
             return forward(*args, **kwargs)
         attention = perturbed_attention if self.patch.fused else reference_attention
-        with PerturbedSDPA(attention, call.coefficients[self.name], self.name):
+        with PerturbedSDPA(attention, call.coefficients_for(self.name), self.name):
             return forward(*args, **kwargs)
 
 
@@ -202,6 +256,8 @@ class _Patch:
         self.fused = execution == "fused"
         self.layers: list[LayerInfo] = list_layers(denoiser)
         self.units = forward_units(denoiser)
+        self.unit_position = {unit: i for i, unit in enumerate(self.units)}
+        self.row_heads: list[HeadSet] | None = None
         self.channels = guided_channels(denoiser)
         self.row_kind = PIPELINE_ROW_LAYOUTS[type(pipe).__name__]
         self.call: _Call | None = None
@@ -219,9 +275,25 @@ class _Patch:
             self._hook(module, _UnitHook(self, position, names), _UNIT_HOOK)
 
     # --- settings -------------------------------------------------------------------------------------------
-    def _select(self, settings: Settings) -> None:
-        """Checks and hooks the layers of ``settings.heads``; unhooks layers no longer selected."""
-        selected = [self.layers[i] for i in settings.heads.layers()]
+    def heads_of(self, j: int) -> HeadSet:
+        """Head set of perturbed row ``j``."""
+        return self.row_heads[j % len(self.row_heads)] if self.row_heads else self.settings.heads
+
+    def fork_position_of(self, heads: HeadSet) -> int:
+        """Position in the forward loop of the first unit holding a head of ``heads``."""
+        return min(self.unit_position[self.layers[i].fork_unit] for i in heads.layers())
+
+    def set_row_heads(self, row_heads: list[HeadSet] | None) -> None:
+        """One head set per perturbed row, cycling (HeadHunter's batched candidates); None: the settings' set."""
+        resolved = [HeadSet.from_any(h).resolve(self.denoiser) for h in row_heads] if row_heads else None
+        if resolved is not None and not all(len(h) for h in resolved):
+            raise ValueError("every row's head set must hold at least one head")
+        self._select(self.settings, resolved)
+
+    def _select(self, settings: Settings, row_heads: list[HeadSet] | None = None) -> None:
+        """Checks and hooks the selected layers; unhooks layers no longer selected."""
+        indices = set(settings.heads.layers()).union(*(h.layers() for h in row_heads or ()))
+        selected = [self.layers[i] for i in sorted(indices)]
         for layer in selected:
             check_default_processor(layer.name, self.denoiser.get_submodule(layer.name))
         for module, name in list(self._hooked):
@@ -233,8 +305,8 @@ class _Patch:
             if id(module) not in hooked:
                 self._hook(module, _AttentionHook(self, layer.name), _ATTENTION_HOOK)
         self.selected_layers = selected
-        self.fork_position = min(self.units.index(layer.fork_unit) for layer in selected)
         self.settings = settings
+        self.row_heads = row_heads
 
     # --- hooks ----------------------------------------------------------------------------------------------
     def _hook(self, module, hook, name) -> None:

@@ -112,6 +112,11 @@ def widen(value: Any, layout: RowLayout) -> Any:
     return map_rows(value, layout.n_base, fn)
 
 
+def select_rows(value: Any, n: int, index: torch.Tensor) -> Any:
+    """Every per-row tensor of ``n`` rows, indexed by ``index`` (rows may repeat)."""
+    return map_rows(value, n, lambda t: t.index_select(0, index.to(t.device)))
+
+
 def take_rows(value: Any, n: int, rows: range) -> Any:
     """Keeps ``rows`` of every per-row tensor of ``n`` rows."""
     return map_rows(value, n, lambda t: t[rows.start:rows.stop])
