@@ -1,0 +1,7 @@
+"""``python -m headpag`` (and ``torchrun -m headpag``): the command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

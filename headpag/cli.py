@@ -1,0 +1,161 @@
+"""Command line: ``headpag hunt | generate | atlas``.
+
+``headpag hunt --model PATH_OR_ID --prompts FILE --objective pickscore --k 3 --rounds 5 --out DIR`` searches heads
+(``torchrun --nproc-per-node N -m headpag hunt ...`` shards the candidates over N processes);
+``headpag generate --model ... --heads heads.json --scale 3 --u 0.5 --prompt ...`` samples with head-level PAG;
+``headpag atlas RUN_DIR`` draws the head atlas and the score heatmap of a hunt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def _load_pipeline(model: str, device: str | None, dtype: str):
+    import torch
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype))
+    except Exception as err:  # hub or file errors: say what failed and how to point at a local copy
+        raise SystemExit(f"headpag: cannot load pipeline {model!r} ({type(err).__name__}: {err}); pass --model a local "
+                         f"directory written by DiffusionPipeline.save_pretrained") from err
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _init_distributed() -> None:
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _objective(args):
+    from .objectives import get_objective
+
+    kwargs = {}
+    if args.objective_model:
+        kwargs["model"] = args.objective_model
+    if args.objective_processor:
+        kwargs["processor"] = args.objective_processor
+    return get_objective(args.objective, **kwargs)
+
+
+def _heads_arg(text: str | None):
+    from .heads import HeadSet
+
+    if text is None:
+        return None
+    return HeadSet.load(text) if text.endswith(".json") and Path(text).exists() else HeadSet(text)
+
+
+def cmd_hunt(args) -> int:
+    from .hunter import hunt
+
+    _init_distributed()
+    prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    pipe = _load_pipeline(args.model, args.device, args.dtype)
+    result = hunt(
+        pipe, _objective(args), prompts, seeds=args.seeds, k=args.k, rounds=args.rounds,
+        candidates=_heads_arg(args.candidates), init=_heads_arg(args.init), scale=args.scale, u=args.u, mode=args.mode,
+        guidance_scale=args.guidance_scale, num_inference_steps=args.steps, out_dir=args.out,
+        batch_size=args.batch_size if args.batch_size == "auto" else int(args.batch_size), strategy=args.strategy,
+        verbose=not args.quiet,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"selected heads: {result.heads}")
+        print(f"images generated: {result.images_generated}, time: {result.timings['total']:.1f} s; results in {args.out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from . import disable, enable_fused
+
+    pipe = _load_pipeline(args.model, args.device, args.dtype)
+    heads = _heads_arg(args.heads)
+    if heads is not None and args.scale > 0:
+        enable_fused(pipe, heads, scale=args.scale, u=args.u, mode=args.mode)
+    kwargs = {"num_inference_steps": args.steps, "generator": torch.Generator("cpu").manual_seed(args.seed)}
+    if args.guidance_scale is not None:
+        kwargs["guidance_scale"] = args.guidance_scale
+    image = pipe(args.prompt, **kwargs).images[0]
+    disable(pipe)
+    image.save(args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_atlas(args) -> int:
+    from .atlas import make_atlas
+
+    for path in make_atlas(args.run_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="headpag", description="Head-level perturbed-attention guidance for diffusers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p):
+        p.add_argument("--model", required=True, help="pipeline id or local directory (DiffusionPipeline.from_pretrained)")
+        p.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK when available, else cpu)")
+        p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights dtype")
+        p.add_argument("--steps", type=int, default=20, help="inference steps")
+        p.add_argument("--scale", type=float, default=3.0, help="PAG scale w")
+        p.add_argument("--mode", default="joint", choices=("joint", "image"), help="identity over the whole sequence or "
+                       "over the image-image block only")
+        p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's; hunt: "
+                       "CFG off as in the paper)")
+
+    p = sub.add_parser("hunt", help="greedy head search (HeadHunter)")
+    model_args(p)
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--objective", default="pickscore", help="pickscore or clip")
+    p.add_argument("--objective-model", default=None, help="local path or id of the objective's model")
+    p.add_argument("--objective-processor", default=None, help="local path or id of the objective's processor")
+    p.add_argument("--k", type=int, default=3, help="heads added per round")
+    p.add_argument("--rounds", type=int, default=1, help="rounds")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per prompt")
+    p.add_argument("--u", type=float, default=1.0, help="coefficient of a candidate head (SoftPAG when < 1)")
+    p.add_argument("--candidates", default=None, help="heads to consider, e.g. '4:*,5:*' (default: all)")
+    p.add_argument("--init", default=None, help="starting heads: a heads.json or a head string")
+    p.add_argument("--batch-size", default="auto", help="jobs per pipeline call, or auto")
+    p.add_argument("--strategy", default="exact", choices=("exact", "halving"), help="exact greedy search or "
+                   "successive halving (an approximation)")
+    p.add_argument("--out", required=True, help="run directory (rerun to resume)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_hunt)
+
+    p = sub.add_parser("generate", help="sample one image with head-level PAG")
+    model_args(p)
+    p.add_argument("--heads", default=None, help="heads.json or a head string like '4:3,6:*'")
+    p.add_argument("--u", type=float, default=None, help="override every head's coefficient")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="headpag.png", help="PNG path")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("atlas", help="head atlas and score heatmap of a hunt's run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_atlas)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
