@@ -4,16 +4,13 @@ The processor is built offline: a CLIPImageProcessor resizing to 32 x 32 and a C
 vocab.json/merges.txt written here (passed positionally: transformers 5.x ignores vocab_file=/merges_file=).
 """
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import (  # noqa: E402
-    CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer,
-)
+import tiny_clip  # noqa: E402
+from transformers import CLIPModel  # noqa: E402
 
 from headpag.objectives import (  # noqa: E402
     ClipScore, ObjectiveLoadError, PickScore, Weighted, check_scores, get_objective,
@@ -22,49 +19,11 @@ from headpag.objectives import (  # noqa: E402
 PROMPTS = ["a photo of a cat", "a red car on a road", "an astronaut riding a horse, oil painting", "x"]
 
 
-def _bytes_to_unicode():
-    """GPT-2/CLIP byte -> printable unicode character table."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 @pytest.fixture(scope="session")
 def clip_dirs(tmp_path_factory):
     """``(model_dir, processor_dir)``: a tiny random CLIPModel (its processor saved alongside) and the processor
     alone in a second directory."""
-    root = tmp_path_factory.mktemp("tiny_clip")
-    chars = list(_bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    bos, eos = len(vocab), len(vocab) + 1
-    vocab.update({"<|startoftext|>": bos, "<|endoftext|>": eos})
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"))
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = CLIPProcessor(image_processor, tokenizer)
-
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=bos, eos_token_id=eos,
-                         pad_token_id=eos),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    model_dir, processor_dir = root / "model", root / "processor"
-    CLIPModel(config).save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
-    processor.save_pretrained(processor_dir)
-    return str(model_dir), str(processor_dir)
+    return tiny_clip.save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 @pytest.fixture(scope="module")
