@@ -39,7 +39,7 @@ from .atlas import read_records
 from .heads import HeadSet
 from .layers import list_layers, model_class_name
 from .objectives import check_scores
-from .patch import _PATCHES, disable, enable_fused
+from .patch import _PATCHES, disable, enable_eager, enable_fused
 from .layers import get_denoiser
 
 STRATEGIES = ("exact", "halving")
@@ -309,6 +309,7 @@ def hunt(
     verbose: bool = True,
     encode: Callable[[list[str]], dict] | None = None,
     pipeline_kwargs: dict | None = None,
+    execution: str = "fused",
 ) -> HuntResult:
     """Greedy head search (module docstring). Returns the selected heads, every round's scores and timings.
 
@@ -328,6 +329,8 @@ def hunt(
         encode: maps a list of prompt strings to pipeline keyword arguments (default ``{"prompt": texts}``),
             e.g. to pass precomputed ``prompt_embeds``.
         pipeline_kwargs: further keyword arguments of every pipeline call (height, width, ...).
+        execution: "fused" (batched twins, the point of headpag) or "eager" (a separate perturbed forward with
+            materialised maps; with ``batch_size=1`` this is the paper's one-candidate-at-a-time baseline).
     """
     from tqdm.auto import tqdm
 
@@ -341,6 +344,8 @@ def hunt(
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+    if execution not in ("fused", "eager"):
+        raise ValueError(f"execution must be 'fused' or 'eager', got {execution!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if not callable(objective):
@@ -370,7 +375,7 @@ def hunt(
             recorded.setdefault(key, {}).update(dict(zip(rec["pairs"], rec["scores"])))
 
     base = HeadSet([pool[0]])
-    enable_fused(pipe, base, scale=scale, mode=mode)
+    (enable_fused if execution == "fused" else enable_eager)(pipe, base, scale=scale, mode=mode)
     hunter = _Hunter(pipe, objective, prompts, seeds, scale, u, mode, guidance_scale, num_inference_steps,
                      _auto_batch_size(pipe, len(pool) * len(prompts) * len(seeds)) if batch_size == "auto" else batch_size,
                      encode, run_dir, rank, world, verbose, pipeline_kwargs)
