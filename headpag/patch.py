@@ -59,6 +59,7 @@ PIPELINE_ROW_LAYOUTS = {
     "PixArtAlphaPipeline": "uncond_cond_local",
     "DiTPipeline": "cond_uncond",
     "FluxPipeline": "separate",
+    "DigitsPipeline": "uncond_cond",  # headpag.digits, the embedded default model
 }
 
 
@@ -149,42 +150,42 @@ class _Call:
             )
         # Unit position from which each twin carries its own rows (fused calls).
         self.fork_positions = [patch.fork_position_of(heads) for heads in head_sets]
-        self._unit_rows: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        # Eager perturbed passes run every unit on all their rows.
+        self._unit_rows = {position: self._rows_at(position) if patch.fused else None for position in range(len(patch.units))}
         self.running: int | None = None  # position of a unit running on a subset of the rows
-        self._subsets: dict[tuple[str, int], RowCoefficients] = {}
+        self._subsets = {
+            (name, position): self._subset(full, rows[0])
+            for position, rows in self._unit_rows.items() if rows is not None
+            for name, full in self.coefficients.items()
+        }
+
+    @staticmethod
+    def _subset(full: RowCoefficients, run: torch.Tensor) -> RowCoefficients:
+        rows = run.tolist()
+        return RowCoefficients(full.u.index_select(0, run.to(full.u.device)), [full.plan[r] for r in rows], full.mode,
+                               full.n_text, full.text_first)
 
     def coefficients_for(self, layer: str) -> RowCoefficients:
         """The layer's coefficients for the rows running now (a subset inside a unit some twins skip)."""
-        full = self.coefficients[layer]
         if self.running is None:
-            return full
-        key = (layer, self.running)
-        if key not in self._subsets:
-            run = self.unit_rows(self.running)[0]
-            rows = run.tolist()
-            self._subsets[key] = RowCoefficients(
-                full.u.index_select(0, run.to(full.u.device)), [full.plan[r] for r in rows], full.mode, full.n_text,
-                full.text_first,
-            )
-        return self._subsets[key]
+            return self.coefficients[layer]
+        return self._subsets[(layer, self.running)]
 
     def unit_rows(self, position: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """For the unit at ``position`` of a fused call: ``(rows to run, gather)`` where ``gather`` maps every row of
-        the full batch to a row of the unit's output (a twin that has not forked yet copies its cond row), or None
-        when every row runs."""
-        if position not in self._unit_rows:
-            forked = [j for j, fork in enumerate(self.fork_positions) if fork <= position]
-            if len(forked) == len(self.fork_positions):
-                self._unit_rows[position] = None
-            else:
-                n_base, cond = self.layout.n_base, self.layout.cond
-                run = list(range(n_base)) + [n_base + j for j in forked]
-                slot = {j: n_base + i for i, j in enumerate(forked)}
-                gather = list(range(n_base)) + [slot.get(j, cond.start + j) for j in range(len(self.fork_positions))]
-                self._unit_rows[position] = (
-                    torch.tensor(run, device=self.device), torch.tensor(gather, device=self.device)
-                )
+        """For the unit at ``position`` of a fused call: ``(rows to run, gather)``, or None when every row runs."""
         return self._unit_rows[position]
+
+    def _rows_at(self, position: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # ``gather`` maps every row of the full batch to a row of the unit's output: a twin that has not forked yet
+        # copies its cond row.
+        forked = [j for j, fork in enumerate(self.fork_positions) if fork <= position]
+        if len(forked) == len(self.fork_positions):
+            return None
+        n_base, cond = self.layout.n_base, self.layout.cond
+        run = list(range(n_base)) + [n_base + j for j in forked]
+        slot = {j: n_base + i for i, j in enumerate(forked)}
+        gather = list(range(n_base)) + [slot.get(j, cond.start + j) for j in range(len(self.fork_positions))]
+        return torch.tensor(run, device=self.device), torch.tensor(gather, device=self.device)
 
 
 class _DenoiserHook(ModelHook):
@@ -262,6 +263,7 @@ class _Patch:
         self.row_kind = PIPELINE_ROW_LAYOUTS[type(pipe).__name__]
         self.call: _Call | None = None
         self._step_delta: tuple[int, torch.Tensor] | None = None
+        self._step = -1
         self._hooked: list[tuple[torch.nn.Module, str]] = []
         self._new_registries: list[torch.nn.Module] = []
         self.settings = settings
@@ -307,6 +309,7 @@ class _Patch:
         self.selected_layers = selected
         self.settings = settings
         self.row_heads = row_heads
+        self._calls: dict[tuple, _Call] = {}
 
     # --- hooks ----------------------------------------------------------------------------------------------
     def _hook(self, module, hook, name) -> None:
@@ -329,7 +332,43 @@ class _Patch:
         self.denoiser._diffusers_hook.invalidate_child_registries_cache() if hasattr(self.denoiser, "_diffusers_hook") else None
 
     # --- the guided call -----------------------------------------------------------------------------------
+    def _call_state(self, layout: RowLayout, perturbed_rows: range, n_rows: int, n_text: int, device) -> _Call:
+        """The call state of a batch layout, built once and reused every step (``torch.compile`` guards on it)."""
+        key = (layout, perturbed_rows, n_rows, n_text, str(device))
+        if key not in self._calls:
+            self._calls[key] = _Call(self, layout, perturbed_rows, n_rows, n_text, device)
+        return self._calls[key]
+
+    # Under torch.compile the hook runs eagerly (reading the step and the rows needs host values); the model's own
+    # forward, which it calls, is compiled as a frame of its own: once per batch layout (fork / no fork).
+    @torch.compiler.disable(recursive=False)
     def denoise(self, forward, args: tuple, kwargs: dict, context: str | None) -> Any:
+        plan = self._plan(forward, args, kwargs, context)
+        if plan is None:
+            return forward(*args, **kwargs)
+        kind, layout, call, call_args, call_kwargs = plan
+        if kind == "shift":
+            return self._shift(forward(*args, **kwargs))
+        if kind == "fused":
+            self.call = call
+            try:
+                out = forward(*call_args, **call_kwargs)
+            finally:
+                self.call = None
+            return self._fold(out, layout, None)
+        out = forward(*args, **kwargs)
+        self.call = call
+        try:
+            perturbed = forward(*call_args, **call_kwargs)
+        finally:
+            self.call = None
+        return self._fold(out, layout, perturbed)
+
+    @torch.compiler.disable
+    def _plan(self, forward, args: tuple, kwargs: dict, context: str | None):
+        """What this call does: None (not guided), or ``(kind, layout, call state, arguments of the (second)
+        forward)`` with kind "shift" (SD3's skip-layer-guidance pass, Flux's true-CFG uncond call: shifted by this
+        step's delta), "fused" or "eager"."""
         pipe = self.pipe_ref()
         settings = self.settings
         timestep = get_argument(forward, "timestep", args, kwargs)
@@ -344,39 +383,38 @@ class _Patch:
             step = step_position(timesteps, timestep)
             guided = settings.scale > 0 and in_interval(step, len(timesteps), settings.interval)
         if not guided:
-            return forward(*args, **kwargs)
+            return None
+        self._step = step
         layout = _row_layout(pipe, self.row_kind, self.denoiser, forward, args, kwargs)
         if layout is None or context == "uncond":
-            # SD3's skip-layer-guidance pass, Flux's true-CFG uncond call: shifted by this step's delta
-            out = forward(*args, **kwargs)
-            if self._step_delta is not None and self._step_delta[0] == step:
-                sample = first_tensor(out)
-                out = replace_sample(out, (sample.float() + self._step_delta[1]).to(sample.dtype))
-            return out
+            return "shift", layout, None, args, kwargs
         ehs = get_argument(forward, "encoder_hidden_states", args, kwargs)
         n_text = ehs.shape[1] if isinstance(ehs, torch.Tensor) and ehs.dim() == 3 else 0
         names = DENOISER_ROW_ARGS[self.model_class]
-        sample_in = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        device = (args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))).device
         if self.fused:
-            wide_args, wide_kwargs = map_arguments(forward, names, args, kwargs, lambda v: widen(v, layout))
-            self.call = _Call(self, layout, layout.twins, layout.n_rows, n_text, sample_in.device)
-            try:
-                out = forward(*wide_args, **wide_kwargs)
-            finally:
-                self.call = None
-            sample = first_tensor(out)
-            base, perturbed = sample[: layout.n_base], sample[layout.n_base:]
-        else:
-            out = forward(*args, **kwargs)
-            base = first_tensor(out)
-            cond_args, cond_kwargs = map_arguments(forward, names, args, kwargs, lambda v: take_rows(v, layout.n_base, layout.cond))
-            self.call = _Call(self, layout, range(len(layout.cond)), len(layout.cond), n_text, sample_in.device)
-            try:
-                perturbed = first_tensor(forward(*cond_args, **cond_kwargs))
-            finally:
-                self.call = None
-        delta = perturbation_delta(base[layout.cond.start:layout.cond.stop], perturbed, settings.scale, self.channels)
-        self._step_delta = (step, delta)
+            call = self._call_state(layout, layout.twins, layout.n_rows, n_text, device)
+            return ("fused", layout, call) + map_arguments(forward, names, args, kwargs, lambda v: widen(v, layout))
+        call = self._call_state(layout, range(len(layout.cond)), len(layout.cond), n_text, device)
+        cond = map_arguments(forward, names, args, kwargs, lambda v: take_rows(v, layout.n_base, layout.cond))
+        return ("eager", layout, call) + cond
+
+    @torch.compiler.disable
+    def _shift(self, out):
+        if self._step_delta is None or self._step_delta[0] != self._step:
+            return out
+        sample = first_tensor(out)
+        return replace_sample(out, (sample.float() + self._step_delta[1]).to(sample.dtype))
+
+    @torch.compiler.disable
+    def _fold(self, out, layout: RowLayout, perturbed_out):
+        """Folds ``delta`` into the base rows of ``out``; the perturbed rows are ``out``'s twins (fused) or the
+        output of the separate perturbed pass (eager)."""
+        sample = first_tensor(out)
+        base = sample[: layout.n_base]
+        perturbed = sample[layout.n_base:] if perturbed_out is None else first_tensor(perturbed_out)
+        delta = perturbation_delta(base[layout.cond.start:layout.cond.stop], perturbed, self.settings.scale, self.channels)
+        self._step_delta = (self._step, delta)
         return replace_sample(out, fold(base, layout, delta))
 
 
