@@ -154,16 +154,16 @@ class _Call:
         self._unit_rows = {position: self._rows_at(position) if patch.fused else None for position in range(len(patch.units))}
         self.running: int | None = None  # position of a unit running on a subset of the rows
         self._subsets = {
-            (name, position): self._subset(full, rows[0])
+            (name, position): self._subset(full, self._run_rows(position))
             for position, rows in self._unit_rows.items() if rows is not None
             for name, full in self.coefficients.items()
         }
 
     @staticmethod
-    def _subset(full: RowCoefficients, run: torch.Tensor) -> RowCoefficients:
-        rows = run.tolist()
-        return RowCoefficients(full.u.index_select(0, run.to(full.u.device)), [full.plan[r] for r in rows], full.mode,
-                               full.n_text, full.text_first)
+    def _subset(full: RowCoefficients, rows: list[int]) -> RowCoefficients:
+        index = torch.tensor(rows, device=full.u.device)
+        return RowCoefficients(full.u.index_select(0, index), [full.plan[r] for r in rows], full.mode, full.n_text,
+                               full.text_first)
 
     def coefficients_for(self, layer: str) -> RowCoefficients:
         """The layer's coefficients for the rows running now (a subset inside a unit some twins skip)."""
@@ -175,6 +175,11 @@ class _Call:
         """For the unit at ``position`` of a fused call: ``(rows to run, gather)``, or None when every row runs."""
         return self._unit_rows[position]
 
+    def _run_rows(self, position: int) -> list[int]:
+        """Rows that run the unit at ``position``: the base rows and the twins forked by then."""
+        n_base = self.layout.n_base
+        return list(range(n_base)) + [n_base + j for j, fork in enumerate(self.fork_positions) if fork <= position]
+
     def _rows_at(self, position: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         # ``gather`` maps every row of the full batch to a row of the unit's output: a twin that has not forked yet
         # copies its cond row.
@@ -182,7 +187,7 @@ class _Call:
         if len(forked) == len(self.fork_positions):
             return None
         n_base, cond = self.layout.n_base, self.layout.cond
-        run = list(range(n_base)) + [n_base + j for j in forked]
+        run = self._run_rows(position)
         slot = {j: n_base + i for i, j in enumerate(forked)}
         gather = list(range(n_base)) + [slot.get(j, cond.start + j) for j in range(len(self.fork_positions))]
         return torch.tensor(run, device=self.device), torch.tensor(gather, device=self.device)
