@@ -765,7 +765,8 @@ def fresh_dynamo():
 
 
 def test_compile_inductor_matches_uncompiled(fresh_dynamo):
-    """Enable first, then compile the patched denoiser (one small run: inductor on this CPU is slow)."""
+    """Enable first, then compile the patched denoiser. One small run: inductor's first (cold-cache) compile takes
+    ~75 s on this busy 2-core machine, ~10 s once /tmp/torchinductor_<user> holds the compiled kernels."""
     pipe = P.sd3(num_layers=1)
     inputs = P.sd3_inputs(steps=1)
     plain = P.run(pipe, inputs)
@@ -786,6 +787,7 @@ def compiled_sd3_counts():
     torch._dynamo.reset()
     pipe = P.sd3(num_layers=2)
     inputs = P.sd3_inputs(steps=4)
+    plain = P.run(pipe, inputs)
     headpag.enable_fused(pipe, "1:0,1:2", scale=3.0, interval=(0.0, 0.5))
     graphs = []
 
@@ -799,20 +801,25 @@ def compiled_sd3_counts():
         out = P.run(pipe, inputs)
         first = list(graphs)
         again = P.run(pipe, inputs)
+        rerun = list(graphs)
+        headpag.disable(pipe)  # pipe.transformer is the compiled wrapper: disable unwraps it
+        after = P.run(pipe, inputs)  # guards on the removed hooks fail: recompiled without them
     finally:
         headpag.disable(pipe)
         torch._dynamo.reset()
-    return dict(expected=expected, out=out, again=again, first=first, all=list(graphs))
+    return dict(plain=plain, expected=expected, out=out, again=again, after=after, first=first, rerun=rerun)
 
 
 def test_compile_traces_the_patch_without_recompiling_on_rerun(compiled_sd3_counts):
     c = compiled_sd3_counts
     close(c["out"], c["expected"], "compile")
     close(c["again"], c["expected"], "compile")
-    assert c["all"] == c["first"], "a second identical run compiled again"
-    # model bodies (the big graphs): bounded, not one per step
-    assert 1 <= sum(n > 100 for n in c["first"]) <= 3
+    assert c["rerun"] == c["first"], "a second identical run compiled again"
+    assert effect(c["expected"], c["plain"]) > MIN_EFFECT
+    close(c["after"], c["plain"], "compile", "compiled pipeline after disable")
 
 
 def test_compile_at_most_two_graphs(compiled_sd3_counts):
+    """One graph per batch layout (fork / no fork), not one per step, and no graph break splitting the model
+    (headpag's host-side decisions run outside the graph, under torch.compiler.disable)."""
     assert len(compiled_sd3_counts["first"]) <= 2, f"graphs compiled (node counts): {compiled_sd3_counts['first']}"
