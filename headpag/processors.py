@@ -75,10 +75,7 @@ class PerturbedSDPA(TorchFunctionMode):
                 f"layer {self.layer}: attention batch {q.shape[0]} does not match the {self.c.u.shape[0]} rows headpag "
                 f"prepared; a module between the denoiser's entry and this layer changed the batch"
             )
-        kw = {}
-        if self.attention.__name__ == "perturbed_attention":
-            kw["plan"] = self.c.plan
         return self.attention(
             q, k, v, self.c.u, layout="bhnd", mode=self.c.mode, n_text=self.c.n_text, text_first=self.c.text_first,
-            scale=call.get("scale"), **kw,
+            scale=call.get("scale"), plan=self.c.plan,
         )
