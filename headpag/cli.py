@@ -20,6 +20,10 @@ def _load_pipeline(model: str, device: str | None, dtype: str):
     import torch
     from diffusers import DiffusionPipeline
 
+    if model == "digits":  # the embedded default: the digits model shipped with headpag
+        from .digits import load_pipeline
+
+        return load_pipeline(device=device or "cpu", torch_dtype=getattr(torch, dtype))
     try:
         pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype))
     except Exception as err:  # hub or file errors: say what failed and how to point at a local copy
@@ -40,6 +44,11 @@ def _init_distributed() -> None:
 
 def _objective(args):
     from .objectives import get_objective
+
+    if args.objective == "digits":  # the embedded digit classifier: confidence in the asked digit
+        from .digits.objective import DigitObjective
+
+        return DigitObjective()
 
     kwargs = {}
     if args.objective_model:
@@ -103,12 +112,19 @@ def cmd_atlas(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headpag", description="Head-level perturbed-attention guidance for diffusers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p):
-        p.add_argument("--model", required=True, help="pipeline id or local directory (DiffusionPipeline.from_pretrained)")
+        p.add_argument("--model", required=True, help="pipeline id or local directory (DiffusionPipeline.from_pretrained), "
+                       "or 'digits' for the embedded digits model")
         p.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK when available, else cpu)")
         p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights dtype")
         p.add_argument("--steps", type=int, default=20, help="inference steps")
@@ -121,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hunt", help="greedy head search (HeadHunter)")
     model_args(p)
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    p.add_argument("--objective", default="pickscore", help="pickscore or clip")
+    p.add_argument("--objective", default="pickscore", help="pickscore, clip, or digits (the embedded digit classifier, "
+                   "for --model digits)")
     p.add_argument("--objective-model", default=None, help="local path or id of the objective's model")
     p.add_argument("--objective-processor", default=None, help="local path or id of the objective's processor")
     p.add_argument("--k", type=int, default=3, help="heads added per round")
@@ -149,6 +166,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("atlas", help="head atlas and score heatmap of a hunt's run directory")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_atlas)
+
+    p = sub.add_parser("demo", help="head-level PAG on the embedded digits model: table and sample grid (CPU, minutes)",
+                       description="Loads the digits model shipped with headpag (an SD3Transformer2DModel trained on "
+                       "scikit-learn's 8x8 digits) and its digit classifier; generates the same seeds with no guidance, "
+                       "CFG, layer-level PAG, a head-level HeadSet, SoftPAG and the heads of a short HeadHunter run "
+                       "(objective: the classifier's confidence in the asked digit); prints the objective per setting "
+                       "and eager vs fused time per step; writes headpag-demo.png and headpag-demo.json.")
+    p.add_argument("--quick", action="store_true", help="small setting for a smoke test: 2 seeds, 8 steps, 1 hunt "
+                   "round with k=1 on 1 seed, timings not repeated (explicit options still override)")
+    p.add_argument("--seeds", type=int, default=None, help="images per digit, i.e. samples = 10 x SEEDS (default 8)")
+    p.add_argument("--steps", type=int, default=None, help="inference steps (default 16)")
+    p.add_argument("--scale", type=float, default=None, help="PAG scale w (default 3)")
+    p.add_argument("--u", type=float, default=None, help="SoftPAG coefficient of the softpag row, in (0, 1) (default 0.5)")
+    p.add_argument("--layers", default=None, help="layer-level PAG: comma-separated layer indices, every head of "
+                   "each (default '2,3'; the model has 6 layers x 4 heads)")
+    p.add_argument("--heads", default=None, help="head-level HeadSet, e.g. '1:1,2:0,3:3' (default)")
+    p.add_argument("--mode", default=None, choices=("joint", "image"), help="identity over the whole sequence "
+                   "(default) or over the image-image block only")
+    p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale used with PAG (default 1: CFG off, "
+                   "as in HeadHunter's searches)")
+    p.add_argument("--cfg", type=float, default=None, help="CFG scale of the CFG-only reference row (default 2)")
+    p.add_argument("--hunt-rounds", type=int, default=None, help="HeadHunter rounds (default 2)")
+    p.add_argument("--hunt-k", type=int, default=None, help="heads added per HeadHunter round (default 2)")
+    p.add_argument("--hunt-seeds", type=int, default=None, help="seeds per digit in the search; they differ from "
+                   "the evaluated seeds (default 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1: fastest for this tiny "
+                   "model, and far faster than several on a busy machine; 0 keeps torch's setting)")
+    p.add_argument("--out", default=".", help="directory for headpag-demo.png and headpag-demo.json (default: the "
+                   "current directory)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
