@@ -20,6 +20,12 @@ def _pairs(keep: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torc
     return b.to(device), h.to(device)
 
 
+def _sdpa_pairs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """SDPA over gathered pairs ``(M, N, D)``, run as one ``(1, M, N, D)`` batch: torch's fused CPU kernels take 4-D
+    inputs only, and a 3-D call falls back to the math path, which materialises the N x N maps."""
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], scale=scale)[0]
+
+
 def _perturbed_image_rows(q_img, k_img, v_img, k_txt, v_txt, scale: float) -> torch.Tensor:
     """``P v`` for image queries: softmax over the text keys and the query's own key, in float32 or wider.
 
@@ -82,7 +88,7 @@ def torch_perturbed_attention(
         out_bhnd[b, h] = v[b, h]
         b, h = _pairs(attend, device)
         if b.numel():
-            attention = F.scaled_dot_product_attention(q[b, h], k[b, h], v[b, h], scale=scale)
+            attention = _sdpa_pairs(q[b, h], k[b, h], v[b, h], scale)
             out_bhnd[b, h] = blend(b, h, attention, v[b, h])
         return out
 
@@ -91,11 +97,11 @@ def torch_perturbed_attention(
     # Pairs that need the full map A on every query row.
     b, h = _pairs(attend, device)
     if b.numel():
-        out_bhnd[b, h] = F.scaled_dot_product_attention(q[b, h], k[b, h], v[b, h], scale=scale)
+        out_bhnd[b, h] = _sdpa_pairs(q[b, h], k[b, h], v[b, h], scale)
     # Identity pairs still need A on their text rows (text rows of P equal A).
     b, h = _pairs(~attend, device)
     if b.numel() and n_text:
-        out_bhnd[b, h, txt] = F.scaled_dot_product_attention(q[b, h, txt], k[b, h], v[b, h], scale=scale)
+        out_bhnd[b, h, txt] = _sdpa_pairs(q[b, h, txt], k[b, h], v[b, h], scale)
     # Perturbed image rows: identity pairs take P v, soft pairs blend it with A v.
     for code in (IDENTITY, SOFT):
         b, h = _pairs(plan == code, device)

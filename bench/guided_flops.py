@@ -1,0 +1,333 @@
+"""FLOPs of one guided denoiser step on the meta device: full-size SD3-medium and FLUX.1-dev, no weights, no GPU.
+
+    python bench/guided_flops.py                      # writes bench/results/guided-step-flops.json
+    python bench/guided_flops.py --out other.json     # elsewhere
+
+``FlopCounterMode`` counts matrix products (``2 * m * n * k``) on meta tensors, where SDPA runs the math path and
+``headpag::perturbed_attention`` is costed by its registered formula (kernels/flops.py). On CPU tensors SDPA
+would count as 0 FLOPs, hence meta (DESIGN.md, "Testing without a GPU or a hub").
+
+The models are built from the real configs under ``with torch.device("meta")`` and wrapped in real
+``StableDiffusion3Pipeline`` / ``FluxPipeline`` objects (no VAE, no text encoders, a real scheduler with 28
+timesteps), so ``headpag.enable_fused`` / ``enable_eager`` patch them exactly as they patch a loaded pipeline.
+The transformer is then called once, as the pipeline's denoising loop would call it for one step (headpag treats
+every call on meta as guided: the step position cannot be read from a meta timestep):
+
+- SD3-medium, 1024x1024 (128x128 latents, 4096 image tokens), 333 text tokens (77 CLIP + 256 T5), CFG on: rows
+  ``[uncond, cond]``. Contenders: CFG only (2 rows); headpag fused CFG+PAG (2 rows up to the fork unit, then
+  3); headpag eager CFG+PAG (the 2-row call plus a separate 1-row perturbed forward); diffusers'
+  ``StableDiffusion3PAGPipeline`` processors on the same layers (layer level: 3 rows through every block,
+  ``mode="image"`` semantics, i.e. every head of those layers).
+- FLUX.1-dev, 1024x1024 (4096 image tokens), 512 text tokens, distilled guidance: one row per step under
+  ``cache_context("cond")``. Contenders: guidance only (1 row); fused (1 row up to the fork, then 2); eager.
+  There is no diffusers PAG pipeline for Flux.
+
+Theoretical minimum of a guided step: the base rows through the whole denoiser, plus each twin row through the
+fork unit (the first forward-loop unit holding a selected head) and everything after it (the remaining units,
+``norm_out``, ``proj_out``), minus the attention skipped by identity heads (joint mode, ``u = 1``:
+``4 * N * N * D`` per selected head per twin row). Per-row unit costs come from the CFG-only count's per-module
+breakdown divided by its rows (every module's FLOPs are linear in the rows). What fused does beyond that is the
+twin rows' pass through the pre-loop embeddings (``pos_embed``, ``time_text_embed``, ``context_embedder``, ...),
+which headpag widens at the denoiser's entry; the JSON lists the per-module excess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ (not a package)
+
+import headpag
+from headpag.layers import forward_units, list_layers
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "guided-step-flops.json")
+
+SD3_MEDIUM = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192,
+)
+FLUX_DEV = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+SD3_TEXT, FLUX_TEXT = 333, 512
+LATENT = 128  # 1024 px / VAE factor 8
+# Heads spread over layers 4..18: two heads in every even layer. Layers 4..18 are all double (joint) blocks in Flux.
+HEAD_LAYERS = tuple(range(4, 19, 2))
+HEADS = ",".join(f"{layer}:{h}" for layer in HEAD_LAYERS for h in (layer % 24, (layer + 7) % 24))
+SCALE = 3.0
+STEPS = 28
+
+
+def _count(fn) -> tuple[int, dict]:
+    """Total FLOPs of ``fn()`` and the per-module totals (``{module name: flops}``, names as FlopCounterMode
+    gives them: ``"<RootClass>.transformer_blocks.4"``...)."""
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        fn()
+    per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    return counter.get_total_flops(), per_module
+
+
+def _children(per_module: dict, root: str) -> dict:
+    """FLOPs per direct child of the root (``pos_embed``...) and per forward-loop unit (``transformer_blocks.3``)."""
+    out = {}
+    for name, flops in per_module.items():
+        parts = name.split(".")
+        if parts[0] != root or len(parts) < 2:
+            continue
+        if parts[1] in ("transformer_blocks", "single_transformer_blocks"):
+            if len(parts) == 3:
+                out[".".join(parts[1:])] = flops
+        elif len(parts) == 2:
+            out[parts[1]] = flops
+    return out
+
+
+def _minimum(cfg_children: dict, cfg_total: int, n_base: int, n_twin: int, units: list, fork: int,
+             identity_pairs: int, N: int, D: int) -> dict:
+    """The theoretical minimum of a guided step (see the module docstring) and its parts."""
+    per_row = {k: v / n_base for k, v in cfg_children.items()}
+    after_fork = sum(per_row.get(u, 0) for u in units[fork:]) + sum(per_row.get(m, 0) for m in ("norm_out", "proj_out"))
+    skipped = identity_pairs * n_twin * 4 * N * N * D
+    minimum = cfg_total + n_twin * after_fork - skipped
+    pre_loop = {k: v for k, v in per_row.items() if not k.startswith(("transformer_blocks.", "single_transformer_blocks."))
+                and k not in ("norm_out", "proj_out")}
+    return dict(flops=int(round(minimum)), twin_row_after_fork=int(round(after_fork)), identity_skipped=skipped,
+                per_row_pre_loop={k: int(v) for k, v in pre_loop.items()})
+
+
+def _excess(fused_children: dict, cfg_children: dict, n_base: int, n_twin: int, units: list, fork: int,
+            identity_by_unit: dict) -> dict:
+    """Per module: fused FLOPs minus what the minimum allots it (base rows everywhere, twins from the fork on,
+    identity heads skipped). Non-zero entries explain fused/minimum."""
+    allowed = {}
+    twin_modules = set(units[fork:]) | {"norm_out", "proj_out"}
+    for name, flops in cfg_children.items():
+        rows = n_base + (n_twin if name in twin_modules else 0)
+        allowed[name] = flops / n_base * rows - identity_by_unit.get(name, 0)
+    out = {}
+    for name in sorted(set(allowed) | set(fused_children)):
+        diff = fused_children.get(name, 0) - allowed.get(name, 0)
+        if abs(diff) > 0.5:
+            out[name] = int(round(diff))
+    return out
+
+
+def sd3_pipe(config: dict):
+    """A ``StableDiffusion3Pipeline`` around an ``SD3Transformer2DModel(**config)`` built on the meta device."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel(**config).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+        tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.scheduler.set_timesteps(STEPS)
+    pipe._guidance_scale = 7.0  # do_classifier_free_guidance: rows [uncond, cond]
+    pipe._joint_attention_kwargs = None
+    return pipe
+
+
+def flux_pipe(config: dict):
+    """A ``FluxPipeline`` around a ``FluxTransformer2DModel(**config)`` built on the meta device."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(**config).eval()
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+        tokenizer_2=None, transformer=transformer,
+    )
+    pipe.scheduler.set_timesteps(STEPS)
+    pipe._guidance_scale = 3.5
+    pipe._joint_attention_kwargs = None
+    return pipe
+
+
+def _meta(*shape):
+    return torch.empty(*shape, device="meta")
+
+
+def sd3_call(pipe, rows: int, latent: int = LATENT, n_text: int = SD3_TEXT):
+    """One SD3 denoiser call as the pipeline makes it (``rows`` rows, meta inputs)."""
+    cfg = pipe.transformer.config
+    return lambda: pipe.transformer(
+        hidden_states=_meta(rows, cfg.in_channels, latent, latent), timestep=_meta(rows),
+        encoder_hidden_states=_meta(rows, n_text, cfg.joint_attention_dim),
+        pooled_projections=_meta(rows, cfg.pooled_projection_dim), joint_attention_kwargs=None, return_dict=False,
+    )
+
+
+def flux_call(pipe, rows: int, latent: int = LATENT, n_text: int = FLUX_TEXT):
+    """One Flux denoiser call under ``cache_context("cond")`` as FluxPipeline makes it (meta inputs)."""
+    cfg = pipe.transformer.config
+    n_img = (latent // 2) ** 2  # 2x2 packing of the latents
+
+    def call():
+        with pipe.transformer.cache_context("cond"):
+            return pipe.transformer(
+                hidden_states=_meta(rows, n_img, cfg.in_channels), timestep=_meta(rows), guidance=_meta(rows),
+                pooled_projections=_meta(rows, cfg.pooled_projection_dim),
+                encoder_hidden_states=_meta(rows, n_text, cfg.joint_attention_dim),
+                txt_ids=_meta(n_text, 3), img_ids=_meta(n_img, 3), joint_attention_kwargs=None, return_dict=False,
+            )
+
+    return call
+
+
+def diffusers_pag_regexes(layers) -> list[str]:
+    """``pag_applied_layers`` selecting exactly the joint attention of ``transformer_blocks[i]`` for i in layers
+    (anchored: diffusers' ids are unanchored regexes, "blocks.1" would also hit blocks 10-19)."""
+    return [rf"transformer_blocks\.{i}\.attn$" for i in layers]
+
+
+def _diffusers_pag_sd3(pipe, call, layers) -> tuple[int, dict]:
+    """diffusers' layer-level PAG: its CFG processors on ``layers``, 3 rows ``[uncond, cond, perturbed]`` through
+    every block (what ``StableDiffusion3PAGPipeline.__call__`` does per step); processors restored afterwards."""
+    from diffusers import StableDiffusion3PAGPipeline
+
+    names = inspect.signature(StableDiffusion3PAGPipeline.__init__).parameters
+    pag = StableDiffusion3PAGPipeline(**{k: v for k, v in pipe.components.items() if k in names},
+                                      pag_applied_layers=diffusers_pag_regexes(layers))
+    original = dict(pag.transformer.attn_processors)
+    pag._set_pag_attn_processor(pag_applied_layers=pag.pag_applied_layers, do_classifier_free_guidance=True)
+    perturbed = [n for n, p in pag.transformer.attn_processors.items() if type(p).__name__.startswith("PAG")]
+    assert len(perturbed) == len(layers), perturbed
+    try:
+        return _count(call(pag, 3))
+    finally:
+        pag.transformer.set_attn_processor(original)
+
+
+def count_variant(pipe, call, n_base: int, spec: dict) -> tuple[int, dict]:
+    """FLOPs of one guided step of variant ``spec`` (``kind``: "plain", "fused", "eager" or "diffusers"; ``heads``,
+    ``mode``; ``layers`` for "diffusers") and its per-module totals."""
+    kind = spec["kind"]
+    if kind == "plain":
+        return _count(call(pipe, n_base))
+    if kind == "diffusers":
+        return _diffusers_pag_sd3(pipe, call, spec["layers"])
+    enable = headpag.enable_fused if kind == "fused" else headpag.enable_eager
+    enable(pipe, spec["heads"], scale=SCALE, mode=spec.get("mode", "joint"))
+    try:
+        return _count(call(pipe, n_base))
+    finally:
+        headpag.disable(pipe)
+
+
+def analyse(name: str, pipe, call, n_base: int, with_diffusers: bool) -> dict:
+    """Counts every contender on ``pipe`` and compares fused with the theoretical minimum."""
+    model = pipe.transformer
+    root = type(model).__name__
+    units = forward_units(model)
+    layers = list_layers(model)
+    per_layer = defaultdict(int)  # selected heads per layer
+    for item in HEADS.split(","):
+        per_layer[int(item.split(":")[0])] += 1
+    selected = sorted(per_layer)
+    fork = min(units.index(layers[i].fork_unit) for i in selected)
+    n_twin = 1  # one twin per cond row: SD3 [uncond, cond] + twin, Flux [cond] + twin
+    D = layers[selected[0]].head_dim
+    N = {"SD3Transformer2DModel": 4096 + SD3_TEXT, "FluxTransformer2DModel": 4096 + FLUX_TEXT}[root]
+
+    t0 = time.perf_counter()
+    specs = {"cfg_only": dict(kind="plain"), "fused": dict(kind="fused", heads=HEADS), "eager": dict(kind="eager", heads=HEADS)}
+    if with_diffusers:
+        specs["diffusers_pag"] = dict(kind="diffusers", layers=selected)
+    results, per_module = {}, {}
+    for key, spec in specs.items():
+        total, modules = count_variant(pipe, call, n_base, spec)
+        results[key] = total
+        per_module[key] = _children(modules, root)
+    seconds = time.perf_counter() - t0
+    cfg_total, cfg_children = results["cfg_only"], per_module["cfg_only"]
+
+    minimum = _minimum(cfg_children, cfg_total, n_base, n_twin, units, fork, len(HEADS.split(",")), N, D)
+    results["minimum"] = minimum["flops"]
+    identity_by_unit = defaultdict(int)
+    for i, n_heads in per_layer.items():
+        identity_by_unit[layers[i].fork_unit] += n_heads * n_twin * 4 * N * N * D
+    excess = _excess(per_module["fused"], cfg_children, n_base, n_twin, units, fork, identity_by_unit)
+    ratios = {f"{k}/cfg_only": v / cfg_total for k, v in results.items() if k != "cfg_only"}
+    ratios["fused/minimum"] = results["fused"] / results["minimum"]
+    return dict(
+        model=name, model_class=root,
+        base="CFG only: 2 rows [uncond, cond]" if n_base == 2 else "guidance only: 1 row [cond] (distilled guidance, no CFG)",
+        config={k: list(v) if isinstance(v, tuple) else v for k, v in model.config.items() if not k.startswith("_")},
+        heads=HEADS, selected_layers=selected, fork_unit=units[fork], n_base_rows=n_base, n_twin_rows=n_twin,
+        tokens=dict(total=N, image=4096, text=N - 4096), head_dim=D, mode="joint", u=1.0,
+        tflop={k: v / 1e12 for k, v in results.items()}, flops=results, ratios=ratios,
+        minimum_parts=minimum, fused_excess_over_minimum=excess,
+        fused_excess_total=sum(excess.values()), count_seconds=seconds,
+    )
+
+
+def headpag_source() -> dict:
+    """Where the measured headpag comes from: its path and git commit (plus whether headpag/ or kernels/ have
+    uncommitted changes), or ``HEADPAG_SOURCE_COMMIT`` for a copy outside git."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(headpag.__file__)))
+    out = dict(path=root)
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731
+        out["commit"] = git("rev-parse", "--short", "HEAD")
+        out["dirty"] = bool(git("status", "--porcelain", "--untracked-files=no", "--", "headpag", "kernels"))
+    except (OSError, subprocess.CalledProcessError):
+        out["commit"] = os.environ.get("HEADPAG_SOURCE_COMMIT", "unknown")
+    return out
+
+
+def run() -> dict:
+    sd3_result = analyse("SD3-medium 1024x1024", sd3_pipe(SD3_MEDIUM), sd3_call, 2, with_diffusers=True)
+    sd3_result["diffusers_pag_note"] = (
+        "StableDiffusion3PAGPipeline processors (PAGCFGJointAttnProcessor2_0) on every head of the selected layers, "
+        "mode='image' semantics; its perturbed row runs masked SDPA over the whole sequence, counted as full attention"
+    )
+    flux_result = analyse("FLUX.1-dev 1024x1024", flux_pipe(FLUX_DEV), flux_call, 1, with_diffusers=False)
+    import test_guided_step_bench as cpu_bench  # the CPU suite's model and contenders (bench/ is on sys.path)
+
+    tiny = cpu_bench.step_flops()
+    cpu_model = dict(
+        model="the CPU suite's SD3-shaped model (test_guided_step_bench.py)", config=cpu_bench.MODEL,
+        text_tokens=cpu_bench.TEXT_LEN, latent=cpu_bench.LATENT, variants=cpu_bench.VARIANTS, flops=tiny,
+        ratios={k: v / tiny["cfg"] for k, v in tiny.items()},
+    )
+    return dict(
+        description=__doc__.split("\n\n")[0].strip(),
+        machine=dict(torch=torch.__version__, python=platform.python_version(),
+                     diffusers=__import__("diffusers").__version__),
+        headpag=headpag_source(),
+        heads=HEADS, scale=SCALE,
+        results=[sd3_result, flux_result],
+        cpu_bench_model=cpu_model,
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args(argv)
+    data = run()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(data, f, indent=1)
+    for r in data["results"]:
+        print(r["model"], {k: round(v, 4) for k, v in r["ratios"].items()}, "excess", r["fused_excess_over_minimum"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
