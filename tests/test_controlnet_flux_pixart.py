@@ -157,3 +157,48 @@ def test_dit(guidance_scale):
     pipe.set_progress_bar_config(disable=True)
     _check(pipe, dict(class_labels=[3, 5], num_inference_steps=3, guidance_scale=guidance_scale, output_type="latent"),
            "1:0,0:1@0.5")
+
+
+@pytest.mark.parametrize("guidance_scale", [4.5, 1.0], ids=["cfg", "no-cfg"])
+def test_pixart_joint_mode_matches_apply_layer_skip(pixart_pipe, guidance_scale):
+    """mode="joint" on every head of a PixArt layer equals diffusers' own identity attention
+    (``apply_layer_skip(skip_attention_scores=True)``) run as the perturbed pass on the cond rows, folded with
+    DESIGN.md's formula by a forward hook on the plain pipeline's transformer."""
+    import copy
+
+    from diffusers.hooks import LayerSkipConfig, apply_layer_skip
+
+    skipping = copy.deepcopy(pixart_pipe.transformer)
+    apply_layer_skip(skipping, LayerSkipConfig(indices=[1], fqn="transformer_blocks", skip_attention=False,
+                                               skip_attention_scores=True, skip_ff=False))
+    cfg = guidance_scale > 1
+
+    def fold(module, args, kwargs, output):
+        sample = output[0]
+        n = sample.shape[0]
+        cond = slice(n // 2, n) if cfg else slice(0, n)
+        rows = {k: (v[cond] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v) for k, v in kwargs.items()}
+        perturbed = skipping(*[a[cond] for a in args], **rows)[0]
+        delta = 3.0 * (sample[cond] - perturbed)
+        out = sample.clone()
+        out[cond] += delta
+        if cfg:
+            out[: n // 2] += delta
+        return (out, *output[1:])
+
+    torch.manual_seed(1)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    kw = dict(prompt_embeds=torch.randn(2, 5, 12), prompt_attention_mask=mask, negative_prompt_embeds=torch.randn(2, 5, 12),
+              negative_prompt_attention_mask=mask, negative_prompt=None, num_inference_steps=3, height=16, width=16,
+              guidance_scale=guidance_scale, output_type="latent", use_resolution_binning=False)
+    handle = pixart_pipe.transformer.register_forward_hook(fold, with_kwargs=True)
+    try:
+        expected = _run(pixart_pipe, kw)
+    finally:
+        handle.remove()
+    for enable in (headpag.enable_fused, headpag.enable_eager):
+        enable(pixart_pipe, "1:*", scale=3.0, mode="joint")
+        try:
+            torch.testing.assert_close(_run(pixart_pipe, kw), expected, rtol=RTOL, atol=ATOL)
+        finally:
+            headpag.disable(pixart_pipe)
