@@ -39,7 +39,8 @@ from .atlas import read_records
 from .heads import HeadSet
 from .layers import list_layers, model_class_name
 from .objectives import check_scores
-from .patch import _PATCHES, disable, enable_eager, enable_fused
+from .guidance import check_scale
+from .patch import _PATCHES, MODES, disable, enable_eager, enable_fused
 from .layers import get_denoiser
 
 STRATEGIES = ("exact", "halving")
@@ -338,8 +339,17 @@ def hunt(
     seeds = list(seeds)
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty strings")
-    if not seeds:
-        raise ValueError("seeds must hold at least one seed")
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise ValueError(f"seeds must be a non-empty sequence of ints, got {seeds!r}")
+    check_scale(scale)
+    if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0.0 < float(u) <= 1.0:
+        raise ValueError(f"u must be a number in (0, 1] (the coefficient of a candidate head), got {u!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))):
+        raise ValueError(f"guidance_scale must be a number or None (CFG off), got {guidance_scale!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:

@@ -157,14 +157,19 @@ def test_halving_saves_work(pipe):
         (dict(candidates="7:0"), "layer 7"),
         (dict(strategy="fastest"), "strategy"),
         (dict(batch_size=0), "batch_size"),
+        (dict(seeds=["a"]), "seeds"),
+        (dict(u=0.0), "u must"),
+        (dict(u=1.5), "u must"),
+        (dict(mode="layer"), "mode"),
+        (dict(scale=-1.0), "scale"),
+        (dict(num_inference_steps=0), "num_inference_steps"),
     ],
 )
 def test_bad_input(pipe, kwargs, match):
-    args = dict(prompts=PROMPTS, k=1, rounds=1, candidates="0:0,0:1")
-    args.update(kwargs)
+    args = {**COMMON, "prompts": PROMPTS, "k": 1, "rounds": 1, "candidates": "0:0,0:1", **kwargs}
     prompts = args.pop("prompts")
     with pytest.raises(ValueError, match=match):
-        hunt(pipe, brightness, prompts, **{**COMMON, **args})
+        hunt(pipe, brightness, prompts, **args)
 
 
 def test_objective_that_returns_nan_names_the_image(pipe, tmp_path):
