@@ -118,6 +118,12 @@ def cmd_demo(args) -> int:
     return demo_main(args)
 
 
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(out_dir=args.out, quick=args.quick)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headpag", description="Head-level perturbed-attention guidance for diffusers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=".", help="directory for headpag-demo.png and headpag-demo.json (default: the "
                    "current directory)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="performance report: meta-device FLOPs per guided step (SD3-medium, FLUX.1-dev, "
+                       "SD1.5, SDXL) and an H100 roofline projection, as JSON and a Markdown table")
+    p.add_argument("--quick", action="store_true", help="SD3-medium with one head set only (smoke test)")
+    p.add_argument("--out", default="bench/results", help="directory for headpag-bench.json and report.md "
+                   "(default: bench/results)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -1,0 +1,392 @@
+"""``headpag bench``: the performance report in one command (meta-device FLOPs, no weights, no GPU needed).
+
+For SD3-medium and FLUX.1-dev it reuses ``bench/guided_flops.py`` (``sd3_pipe``/``flux_pipe``, ``sd3_call``/
+``flux_call``, ``analyse``); for SD1.5 and SDXL it builds full-size ``UNet2DConditionModel``s on the meta device
+inside real ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` objects and counts the same contenders.
+Per model, three head sets (one early layer, a paper-like set of 24 heads mostly in the first half of the layers,
+a style set spread over all layers), each with CFG on (2 base rows) and CFG off (1 base row): plain forward
+(1 row, no guidance), CFG-only step (the base rows), eager, fused, and the theoretical minimum (base rows through
+everything, plus the twin row from the fork unit on, minus the attention skipped by identity heads). FLUX.1-dev
+uses distilled guidance: it has only the 1-row case.
+
+A roofline *projection* (not a measurement) of H100 time per guided step is added:
+``max(FLOPs / 989e12, bytes / 3.35e12)`` with bytes = parameter count x 2 (bf16 weights read once per step).
+
+``bench/`` is not a package: its scripts are imported by path from the repository root; an installed wheel
+without ``bench/`` raises a clear error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+H100_BF16_DENSE_FLOPS = 989e12
+H100_HBM_BYTES_PER_S = 3.35e12
+STEPS = 28
+
+# SD1.5 (runwayml/stable-diffusion-v1-5 unet/config.json) and SDXL base 1.0 (unet/config.json).
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+)
+SD15_LATENT, SD15_TEXT = 64, 77  # 512x512
+SDXL_LATENT, SDXL_TEXT = 128, 77  # 1024x1024
+
+
+def _h(pairs) -> str:
+    return ",".join(f"{layer}:{head}" for layer, head in pairs)
+
+
+# Head sets per model, written out. "L:*" is expanded to every head of layer L (the minimum counts heads).
+# SD3-medium: 24 layers x 24 heads. FLUX.1-dev: 19 double + 38 single = 57 layers x 24 heads.
+# SD1.5: 16 self-attention layers x 8 heads (down 0-5, mid 6, up 7-15). SDXL: 70 layers (down 0-23, mid 24-33,
+# up 34-69), 10 heads in down_blocks.1 / up_blocks.1 (layers 0-3, 64-69), 20 elsewhere.
+HEAD_SETS = {
+    "SD3-medium": {
+        "early": "1:*",
+        "paper-like": _h([(layer, h) for layer in range(2, 12) for h in (layer % 24, (layer + 11) % 24)]
+                         + [(14, 3), (16, 5), (18, 7), (20, 9)]),
+        "style": _h([(layer, (5 * layer) % 24) for layer in range(24)]),
+    },
+    "FLUX.1-dev": {
+        "early": "1:*",
+        "paper-like": _h([(layer, h) for layer in range(2, 24, 2) for h in (layer % 24, (layer + 5) % 24)]
+                         + [(40, 1), (50, 2)]),
+        "style": _h([(layer, (7 * layer) % 24) for layer in range(0, 57, 2)][:24] + [(56, 0)]),
+    },
+    "SD1.5": {
+        "early": "1:*",
+        "paper-like": _h([(layer, h) for layer in range(0, 7) for h in (0, 3, 6)] + [(9, 1), (12, 2), (15, 4)]),
+        "style": _h([(layer, (3 * layer) % 8) for layer in range(16)] + [(layer, (3 * layer + 4) % 8) for layer in range(0, 16, 2)]),
+    },
+    "SDXL": {
+        "early": "1:*",
+        "paper-like": _h([(layer, (3 * layer) % 10) for layer in range(0, 35, 2)] + [(40, 1), (46, 2), (52, 3),
+                                                                                    (58, 4), (64, 5), (68, 6)]),
+        "style": _h([(layer, (7 * layer) % 10) for layer in range(0, 70, 3)] + [(69, 9)]),
+    },
+}
+QUICK = {"SD3-medium": ["paper-like"]}
+
+
+def bench_dir() -> Path:
+    """The repository's ``bench/`` folder (next to the ``headpag`` package), or a clear error."""
+    root = Path(__file__).resolve().parent.parent
+    bench = root / "bench"
+    if not (bench / "guided_flops.py").is_file():
+        raise RuntimeError(f"headpag bench needs the repository's bench/ scripts (looked for {bench / 'guided_flops.py'}); "
+                           "they are not part of an installed wheel: run it from a source checkout (pip install -e .)")
+    return bench
+
+
+def _load(name: str):
+    """Import ``bench/<name>.py`` by path (bench/ is not a package); cached in ``sys.modules``."""
+    key = f"_headpag_bench_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    bench = bench_dir()
+    spec = importlib.util.spec_from_file_location(key, bench / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[key]
+        raise
+    return module
+
+
+def _expand(heads: str, layers) -> str:
+    out = []
+    for item in heads.split(","):
+        layer, head = item.split(":")
+        n = layers[int(layer)].heads
+        out += [f"{layer}:{h}" for h in range(n)] if head == "*" else [item]
+    for item in out:
+        layer, head = map(int, item.split(":"))
+        assert layer < len(layers) and head < layers[layer].heads, (item, len(layers))
+    assert len(set(out)) == len(out), heads
+    return ",".join(out)
+
+
+@contextlib.contextmanager
+def _heads_of(gf, heads: str):
+    """``guided_flops.analyse`` reads the module-level ``HEADS``: set it for one call."""
+    saved = gf.HEADS
+    gf.HEADS = heads
+    try:
+        yield
+    finally:
+        gf.HEADS = saved
+
+
+# ---- UNets (SD1.5, SDXL) ----------------------------------------------------------------------------------------
+
+def sd15_pipe(config: dict = SD15_UNET):
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config).eval()
+    pipe = StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet,
+                                   scheduler=PNDMScheduler(steps_offset=1, skip_prk_steps=True),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.scheduler.set_timesteps(STEPS)
+    pipe._guidance_scale = 7.0
+    return pipe
+
+
+def sdxl_pipe(config: dict = SDXL_UNET):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config).eval()
+    pipe = StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+                                     unet=unet, scheduler=EulerDiscreteScheduler())
+    pipe.scheduler.set_timesteps(STEPS)
+    pipe._guidance_scale = 7.0
+    return pipe
+
+
+def _meta(*shape):
+    return torch.empty(*shape, device="meta")
+
+
+def unet_call(latent: int, n_text: int, sdxl: bool):
+    def make(pipe, rows: int):
+        cfg = pipe.unet.config
+
+        def call():
+            kwargs = {}
+            if sdxl:
+                kwargs["added_cond_kwargs"] = {"text_embeds": _meta(rows, 1280), "time_ids": _meta(rows, 6)}
+            with torch.no_grad():
+                return pipe.unet(_meta(rows, cfg.in_channels, latent, latent), _meta(rows),
+                                 encoder_hidden_states=_meta(rows, n_text, cfg.cross_attention_dim),
+                                 return_dict=False, **kwargs)
+
+        return call
+
+    return make
+
+
+def _unet_children(per_module: dict, root: str) -> dict:
+    out = {}
+    for name, flops in per_module.items():
+        parts = name.split(".")
+        if parts[0] != root or len(parts) < 2:
+            continue
+        if parts[1] in ("down_blocks", "up_blocks"):
+            if len(parts) == 3:
+                out[".".join(parts[1:])] = flops
+        elif len(parts) == 2:
+            out[parts[1]] = flops
+    return out
+
+
+def _unet_tokens(model, unit: str, latent: int) -> int:
+    """Image tokens of the self-attention in ``unit`` (down block i works at latent / 2**i)."""
+    n_down = len(model.down_blocks)
+    level = {"mid_block": n_down - 1}.get(unit)
+    if level is None:
+        kind, i = unit.split(".")
+        level = int(i) if kind == "down_blocks" else n_down - 1 - int(i)
+    side = latent // 2 ** level
+    return side * side
+
+
+def analyse_unet(gf, name: str, pipe, call, n_base: int, heads: str, latent: int) -> dict:
+    """``guided_flops.analyse`` for a UNet: the fork unit is a down/mid/up block, the units after it plus
+    ``conv_norm_out``/``conv_out`` carry the twin row, and each identity head skips ``4 N^2 D`` at its own
+    resolution (N image tokens of that block)."""
+    from headpag.layers import forward_units, list_layers
+
+    model = pipe.unet
+    root = type(model).__name__
+    units = forward_units(model)
+    layers = list_layers(model)
+    per_layer = defaultdict(int)
+    for item in heads.split(","):
+        per_layer[int(item.split(":")[0])] += 1
+    selected = sorted(per_layer)
+    fork = min(units.index(layers[i].fork_unit) for i in selected)
+    n_twin = 1
+    t0 = time.perf_counter()
+    specs = {"cfg_only": dict(kind="plain"), "fused": dict(kind="fused", heads=heads),
+             "eager": dict(kind="eager", heads=heads)}
+    results, per_module = {}, {}
+    for key, spec in specs.items():
+        total, modules = gf.count_variant(pipe, call, n_base, spec)
+        results[key] = total
+        per_module[key] = _unet_children(modules, root)
+    seconds = time.perf_counter() - t0
+    cfg_total, cfg_children = results["cfg_only"], per_module["cfg_only"]
+    per_row = {k: v / n_base for k, v in cfg_children.items()}
+    post = ("conv_norm_out", "conv_out")
+    twin_modules = set(units[fork:]) | set(post)
+    after_fork = sum(per_row.get(u, 0) for u in twin_modules)
+    identity_by_unit = defaultdict(int)
+    for i, n_heads in per_layer.items():
+        unit = layers[i].fork_unit
+        N = _unet_tokens(model, unit, latent)
+        identity_by_unit[unit] += n_heads * n_twin * 4 * N * N * layers[i].head_dim
+    skipped = sum(identity_by_unit.values())
+    results["minimum"] = int(round(cfg_total + n_twin * after_fork - skipped))
+    excess = {}
+    for mod in sorted(set(cfg_children) | set(per_module["fused"])):
+        allowed = per_row.get(mod, 0) * (n_base + (n_twin if mod in twin_modules else 0)) - identity_by_unit.get(mod, 0)
+        diff = per_module["fused"].get(mod, 0) - allowed
+        if abs(diff) > 0.5:
+            excess[mod] = int(round(diff))
+    ratios = {f"{k}/cfg_only": v / cfg_total for k, v in results.items() if k != "cfg_only"}
+    ratios["fused/minimum"] = results["fused"] / results["minimum"]
+    return dict(
+        model=name, model_class=root, heads=heads, selected_layers=selected, fork_unit=units[fork],
+        n_base_rows=n_base, n_twin_rows=n_twin, mode="joint", u=1.0,
+        tflop={k: v / 1e12 for k, v in results.items()}, flops=results, ratios=ratios,
+        minimum_parts=dict(flops=results["minimum"], twin_row_after_fork=int(round(after_fork)), identity_skipped=skipped),
+        fused_excess_over_minimum=excess, fused_excess_total=sum(excess.values()), count_seconds=seconds,
+    )
+
+
+# ---- the report -------------------------------------------------------------------------------------------------
+
+def _models(gf):
+    """(name, pipe factory, call maker, denoiser attribute, CFG cases {label: guidance scale or None}, resolution)."""
+    return [
+        ("SD3-medium", lambda: gf.sd3_pipe(gf.SD3_MEDIUM), gf.sd3_call, "transformer", {"cfg_on": 7.0, "cfg_off": 1.0},
+         "1024x1024, 4096 image + 333 text tokens"),
+        ("FLUX.1-dev", lambda: gf.flux_pipe(gf.FLUX_DEV), gf.flux_call, "transformer", {"distilled": None},
+         "1024x1024, 4096 image + 512 text tokens"),
+        ("SD1.5", sd15_pipe, unet_call(SD15_LATENT, SD15_TEXT, sdxl=False), "unet", {"cfg_on": 7.0, "cfg_off": 1.0},
+         "512x512, 64x64 latents, 77 text tokens"),
+        ("SDXL", sdxl_pipe, unet_call(SDXL_LATENT, SDXL_TEXT, sdxl=True), "unet", {"cfg_on": 7.0, "cfg_off": 1.0},
+         "1024x1024, 128x128 latents, 77 text tokens"),
+    ]
+
+
+def _roofline(flops: int, params: int) -> dict:
+    compute = flops / H100_BF16_DENSE_FLOPS
+    memory = params * 2 / H100_HBM_BYTES_PER_S
+    return dict(kind="projection", seconds=max(compute, memory), ms=max(compute, memory) * 1e3,
+                compute_bound_s=compute, weights_read_s=memory, bound="compute" if compute >= memory else "memory")
+
+
+def run_report(out_dir: str | os.PathLike = "bench/results", quick: bool = False) -> dict:
+    """Counts every model / head set / CFG case, writes ``headpag-bench.json`` and ``report.md`` under ``out_dir``
+    and returns the report. ``quick``: SD3-medium, one head set (for the test suite)."""
+    from headpag.layers import list_layers
+
+    gf = _load("guided_flops")
+    start = time.perf_counter()
+    entries = []
+    for name, make_pipe, call, attr, cases, resolution in _models(gf):
+        if quick and name not in QUICK:
+            continue
+        pipe = make_pipe()
+        model = getattr(pipe, attr)
+        params = sum(p.numel() for p in model.parameters())
+        layers = list_layers(pipe)
+        sets = HEAD_SETS[name]
+        for set_name in (QUICK[name] if quick else sets):
+            heads = _expand(sets[set_name], layers)
+            for case, guidance in cases.items():
+                if guidance is not None:
+                    pipe._guidance_scale = guidance
+                n_base = 1 if guidance is None or guidance <= 1 else 2
+                plain, _ = gf._count(call(pipe, 1))
+                if attr == "transformer":
+                    with _heads_of(gf, heads):
+                        result = gf.analyse(f"{name} {resolution}", pipe, call, n_base, with_diffusers=False)
+                else:
+                    latent = SD15_LATENT if name == "SD1.5" else SDXL_LATENT
+                    result = analyse_unet(gf, f"{name} {resolution}", pipe, call, n_base, heads, latent)
+                result.pop("config", None)
+                flops = dict(result["flops"], plain=plain)
+                entry = dict(
+                    model=name, resolution=resolution, head_set=set_name, case=case, n_heads=len(heads.split(",")),
+                    heads=heads, selected_layers=result["selected_layers"], fork_unit=result["fork_unit"],
+                    n_base_rows=n_base, parameters=params, flops=flops,
+                    tflop={k: v / 1e12 for k, v in flops.items()},
+                    ratios={"fused/minimum": flops["fused"] / flops["minimum"],
+                            "fused/cfg_only": flops["fused"] / flops["cfg_only"],
+                            "eager/cfg_only": flops["eager"] / flops["cfg_only"],
+                            "eager/fused": flops["eager"] / flops["fused"],
+                            "cfg_only/plain": flops["cfg_only"] / flops["plain"]},
+                    within_2pct_of_minimum=flops["fused"] / flops["minimum"] <= 1.02,
+                    fused_excess_over_minimum=result["fused_excess_over_minimum"],
+                    roofline_h100_projection={k: _roofline(flops[k], params) for k in ("cfg_only", "eager", "fused", "minimum")},
+                    count_seconds=result["count_seconds"],
+                )
+                entries.append(entry)
+        pipe._guidance_scale = 7.0
+    hunt = None
+    if not quick:  # HeadHunter's FLOP ratio (bench/hunt_bench.py, meta device); its CPU wall-clock part is not run
+        hunt = _load("hunt_bench").flops_sd3_medium()
+    gpu = ("CUDA available: nothing extra is run by this command (the GPU suites are bench/test_guided_step_bench.py "
+           "and bench/test_kernel_bench.py)" if torch.cuda.is_available() else "skipped: no CUDA")
+    report = dict(
+        description=__doc__.split("\n\n")[0].strip(),
+        machine=dict(torch=torch.__version__, python=platform.python_version(),
+                     diffusers=__import__("diffusers").__version__, platform=platform.platform()),
+        headpag=gf.headpag_source(), quick=quick, scale=gf.SCALE,
+        roofline_note=("projection, not a measurement: H100 time per guided step = max(FLOPs / 989e12 dense bf16 "
+                       "FLOP/s, bytes / 3.35e12 B/s), bytes = parameters x 2 (bf16 weights read once per step)"),
+        results=entries, hunt_flops_sd3_medium=hunt, gpu=gpu, seconds=time.perf_counter() - start,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "headpag-bench.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(markdown(report))
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = ["# headpag bench", "",
+             "FLOPs per guided denoiser step on the meta device (FlopCounterMode), full-size configs, scale "
+             f"{report['scale']}, mode joint. Fused target: within 2% of the theoretical minimum.", "",
+             "| model | head set | case | heads | fork unit | plain TFLOP | CFG-only TFLOP | eager TFLOP | fused TFLOP | minimum TFLOP "
+             "| fused/minimum | fused/CFG-only | eager/fused | H100 fused ms (projection) |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in report["results"]:
+        t, r = e["tflop"], e["ratios"]
+        proj = e["roofline_h100_projection"]["fused"]
+        lines.append(f"| {e['model']} | {e['head_set']} | {e['case']} | {e['n_heads']} | {e['fork_unit']} | "
+                     f"{t['plain']:.3f} | {t['cfg_only']:.3f} | {t['eager']:.3f} | {t['fused']:.3f} | {t['minimum']:.3f} | "
+                     f"{r['fused/minimum']:.4f} | {r['fused/cfg_only']:.3f} | {r['eager/fused']:.3f} | "
+                     f"{proj['ms']:.2f} ({proj['bound']}) |")
+    hunt = report.get("hunt_flops_sd3_medium")
+    if hunt:
+        lines += ["", f"HeadHunter (bench/hunt_bench.py, SD3-medium 1024^2, CFG off): one candidate at a time costs "
+                  f"{hunt['one_at_a_time / fused_batched']:.2f}x the FLOPs per candidate image and step of a batch of "
+                  f"24 fused candidates ({hunt['note']})."]
+    lines += ["", f"Roofline: {report['roofline_note']}.", "", f"GPU: {report['gpu']}.", "",
+              f"headpag {report['headpag'].get('commit')}, torch {report['machine']['torch']}, diffusers "
+              f"{report['machine']['diffusers']}; counted in {report['seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def main(out_dir="bench/results", quick=False) -> int:
+    report = run_report(out_dir=out_dir, quick=quick)
+    print(markdown(report))
+    print(f"wrote {Path(out_dir) / 'headpag-bench.json'} and {Path(out_dir) / 'report.md'}")
+    return 0
