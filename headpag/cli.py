@@ -16,6 +16,22 @@ from pathlib import Path
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+def _batch_size(text: str):
+    """argparse type: 'auto' or an int >= 1."""
+    return "auto" if text == "auto" else _positive_int(text)
+
+
 def _load_pipeline(model: str, device: str | None, dtype: str):
     import torch
     from diffusers import DiffusionPipeline
@@ -76,7 +92,7 @@ def cmd_hunt(args) -> int:
         pipe, _objective(args), prompts, seeds=args.seeds, k=args.k, rounds=args.rounds,
         candidates=_heads_arg(args.candidates), init=_heads_arg(args.init), scale=args.scale, u=args.u, mode=args.mode,
         guidance_scale=args.guidance_scale, num_inference_steps=args.steps, out_dir=args.out,
-        batch_size=args.batch_size if args.batch_size == "auto" else int(args.batch_size), strategy=args.strategy,
+        batch_size=args.batch_size, strategy=args.strategy,
         verbose=not args.quiet,
     )
     if int(os.environ.get("RANK", "0")) == 0:
@@ -133,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "or 'digits' for the embedded digits model")
         p.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK when available, else cpu)")
         p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights dtype")
-        p.add_argument("--steps", type=int, default=20, help="inference steps")
+        p.add_argument("--steps", type=_positive_int, default=20, help="inference steps")
         p.add_argument("--scale", type=float, default=3.0, help="PAG scale w")
         p.add_argument("--mode", default="joint", choices=("joint", "image"), help="identity over the whole sequence or "
                        "over the image-image block only")
@@ -147,13 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "for --model digits)")
     p.add_argument("--objective-model", default=None, help="local path or id of the objective's model")
     p.add_argument("--objective-processor", default=None, help="local path or id of the objective's processor")
-    p.add_argument("--k", type=int, default=3, help="heads added per round")
-    p.add_argument("--rounds", type=int, default=1, help="rounds")
+    p.add_argument("--k", type=_positive_int, default=3, help="heads added per round")
+    p.add_argument("--rounds", type=_positive_int, default=1, help="rounds")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per prompt")
     p.add_argument("--u", type=float, default=1.0, help="coefficient of a candidate head (SoftPAG when < 1)")
     p.add_argument("--candidates", default=None, help="heads to consider, e.g. '4:*,5:*' (default: all)")
     p.add_argument("--init", default=None, help="starting heads: a heads.json or a head string")
-    p.add_argument("--batch-size", default="auto", help="jobs per pipeline call, or auto")
+    p.add_argument("--batch-size", type=_batch_size, default="auto", help="jobs per pipeline call, or auto")
     p.add_argument("--strategy", default="exact", choices=("exact", "halving"), help="exact greedy search or "
                    "successive halving (an approximation)")
     p.add_argument("--out", required=True, help="run directory (rerun to resume)")
@@ -181,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "and eager vs fused time per step; writes headpag-demo.png and headpag-demo.json.")
     p.add_argument("--quick", action="store_true", help="small setting for a smoke test: 2 seeds, 8 steps, 1 hunt "
                    "round with k=1 on 1 seed, timings not repeated (explicit options still override)")
-    p.add_argument("--seeds", type=int, default=None, help="images per digit, i.e. samples = 10 x SEEDS (default 8)")
-    p.add_argument("--steps", type=int, default=None, help="inference steps (default 16)")
+    p.add_argument("--seeds", type=_positive_int, default=None, help="images per digit, i.e. samples = 10 x SEEDS (default 8)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="inference steps (default 16)")
     p.add_argument("--scale", type=float, default=None, help="PAG scale w (default 3)")
     p.add_argument("--u", type=float, default=None, help="SoftPAG coefficient of the softpag row, in (0, 1) (default 0.5)")
     p.add_argument("--layers", default=None, help="layer-level PAG: comma-separated layer indices, every head of "
@@ -193,9 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale used with PAG (default 1: CFG off, "
                    "as in HeadHunter's searches)")
     p.add_argument("--cfg", type=float, default=None, help="CFG scale of the CFG-only reference row (default 2)")
-    p.add_argument("--hunt-rounds", type=int, default=None, help="HeadHunter rounds (default 2)")
-    p.add_argument("--hunt-k", type=int, default=None, help="heads added per HeadHunter round (default 2)")
-    p.add_argument("--hunt-seeds", type=int, default=None, help="seeds per digit in the search; they differ from "
+    p.add_argument("--hunt-rounds", type=_positive_int, default=None, help="HeadHunter rounds (default 2)")
+    p.add_argument("--hunt-k", type=_positive_int, default=None, help="heads added per HeadHunter round (default 2)")
+    p.add_argument("--hunt-seeds", type=_positive_int, default=None, help="seeds per digit in the search; they differ from "
                    "the evaluated seeds (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1: fastest for this tiny "
                    "model, and far faster than several on a busy machine; 0 keeps torch's setting)")

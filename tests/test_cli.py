@@ -79,3 +79,15 @@ def test_help_and_bad_arguments(capsys):
 def test_missing_model_says_how_to_point_at_a_local_copy(tmp_path):
     with pytest.raises(SystemExit, match="local directory"):
         main(["generate", "--model", str(tmp_path / "nothing"), "--prompt", "x"])
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["demo", "--seeds", "0"], "--seeds"),
+    (["demo", "--steps", "-1"], "--steps"),
+    (["hunt", "--model", "m", "--prompts", "p", "--out", "o", "--batch-size", "abc"], "--batch-size"),
+    (["hunt", "--model", "m", "--prompts", "p", "--out", "o", "--k", "0"], "--k"),
+])
+def test_counts_must_be_positive(argv, option, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert f"argument {option}: expected an int >= 1" in capsys.readouterr().err
