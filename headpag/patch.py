@@ -355,19 +355,17 @@ class _Patch:
         if kind == "shift":
             return self._shift(forward(*args, **kwargs))
         if kind == "fused":
-            self.call = call
-            try:
-                out = forward(*call_args, **call_kwargs)
-            finally:
-                self.call = None
-            return self._fold(out, layout, None)
+            return self._fold(self._perturbed_forward(call, forward, call_args, call_kwargs), layout, None)
         out = forward(*args, **kwargs)
+        return self._fold(out, layout, self._perturbed_forward(call, forward, call_args, call_kwargs))
+
+    def _perturbed_forward(self, call: "_Call", forward, args: tuple, kwargs: dict):
+        """``forward(*args, **kwargs)`` with ``call`` visible to the unit and attention hooks."""
         self.call = call
         try:
-            perturbed = forward(*call_args, **call_kwargs)
+            return forward(*args, **kwargs)
         finally:
             self.call = None
-        return self._fold(out, layout, perturbed)
 
     @torch.compiler.disable
     def _plan(self, forward, args: tuple, kwargs: dict, context: str | None):
