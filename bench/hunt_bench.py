@@ -25,13 +25,9 @@ import sys
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import headpag  # noqa: E402
-from headpag.layers import get_denoiser  # noqa: E402
-from headpag.patch import _PATCHES  # noqa: E402
+import headpag
+from headpag.benchmarks.meta_flops import hunt_candidate_flops
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "hunt-cpu.json")
 PROMPTS = ["p0", "p1"]
@@ -99,36 +95,6 @@ def wall_clock(batch_size: int = 16) -> dict:
     return out
 
 
-@torch.no_grad()
-def flops_sd3_medium() -> dict:
-    from guided_flops import SD3_MEDIUM, sd3_call, sd3_pipe
-
-    pipe = sd3_pipe(SD3_MEDIUM)
-    pipe._guidance_scale = 1.0  # the search runs CFG off: rows [cond]
-    n_layers = len(headpag.list_layers(pipe))
-    counts = {}
-    headpag.enable_fused(pipe, "0:0", scale=3.0)
-    _PATCHES[get_denoiser(pipe)].set_row_heads([headpag.HeadSet([(layer, 0)]) for layer in range(n_layers)])
-    with FlopCounterMode(display=False) as counter:
-        sd3_call(pipe, n_layers)()
-    counts["fused_batched"] = counter.get_total_flops() / n_layers
-    headpag.disable(pipe)
-    headpag.enable_eager(pipe, "12:0", scale=3.0)
-    with FlopCounterMode(display=False) as counter:
-        sd3_call(pipe, 1)()
-    counts["one_at_a_time"] = counter.get_total_flops()
-    headpag.disable(pipe)
-    with FlopCounterMode(display=False) as counter:
-        sd3_call(pipe, 1)()
-    counts["unguided"] = counter.get_total_flops()
-    return {
-        "per_candidate_image_step_tflop": {k: v / 1e12 for k, v in counts.items()},
-        "one_at_a_time / fused_batched": counts["one_at_a_time"] / counts["fused_batched"],
-        "fused_batched / unguided": counts["fused_batched"] / counts["unguided"],
-        "note": "24 candidates, one head in each layer; fused twins fork at their own layer; CFG off",
-    }
-
-
 def table(results: dict) -> str:
     lines = ["| search | candidates | seconds | candidates / hour | vs one at a time | images | same heads as exact |",
              "|---|---:|---:|---:|---:|---:|---|"]
@@ -155,7 +121,7 @@ def main(argv=None) -> int:
         "setting": {"prompts": len(PROMPTS), "seeds": len(SEEDS), "steps": STEPS, "model": "SD3-shaped, 4 layers x 4 heads, "
                     "head dim 16, 16x16 latents (64 image tokens), 16 text tokens, fp32, random weights"},
         "wall_clock": wall_clock(),
-        "flops": flops_sd3_medium(),
+        "flops": hunt_candidate_flops(),
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -1,11 +1,10 @@
-"""Prints a pytest-benchmark JSON from bench/test_kernel_bench.py as a Markdown table.
+"""Prints pytest-benchmark JSON of the bench/ suites as the Markdown tables ``headpag bench`` writes.
 
-    python bench/summarize.py bench/results/kernel-cpu.json
+    python bench/summarize.py bench/results/kernel-cpu.json [more.json ...]
 
-One row per benchmark, in run order: its group, the implementation, the median time per call, the ratio of
-that median to the group's baseline (SDPA, or ``v.clone()`` for the CUDA identity case), and throughput where
-recorded. Ratios are recomputed from the JSON's own medians; a CUDA round of ``calls_per_round`` calls is
-divided back to one call. A last line reports how much identical baseline runs varied (machine noise).
+Kernel benchmarks (test_kernel_bench.py) become one table, guided-step benchmarks (test_guided_step_bench.py) one
+table per setting, the FLOP benchmark (test_flops_bench.py) the full-size FLOP table; all from ``extra_info``, which
+holds the same records as headpag-bench.json.
 """
 
 from __future__ import annotations
@@ -13,85 +12,46 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import defaultdict
+
+from headpag.benchmarks import report
 
 
-def _per_call_median_s(bench: dict) -> float:
-    return bench["stats"]["median"] / bench.get("extra_info", {}).get("calls_per_round", 1)
+def _load(averages) -> str:
+    return f"{averages[0]:.2f}" if averages else "?"
 
 
-def _throughput(info: dict) -> str:
-    if "tflop_per_s" in info:
-        return f"{info['tflop_per_s']:.1f} TFLOP/s"
-    if "gbyte_per_s" in info:
-        return f"{info['gbyte_per_s']:.0f} GB/s"
-    if "gflop_per_s" in info:
-        return f"{info['gflop_per_s']:.1f} GFLOP/s"
-    return ""
-
-
-def _machine_line(machine: dict) -> str:
-    parts = [machine.get("cuda_device") or machine.get("cpu_model") or machine.get("cpu", {}).get("brand_raw", "")]
-    if machine.get("cuda_device") is None and machine.get("torch_num_threads"):
-        parts.append(f"{machine['torch_num_threads']} torch threads")
-    if machine.get("torch"):
-        parts.append(f"torch {machine['torch']}")
-    if machine.get("triton"):
-        parts.append(f"triton {machine['triton']}")
-    return ", ".join(p for p in parts if p)
-
-
-def table(data: dict) -> str:
-    benches = data["benchmarks"]
-    baselines = {}
-    for b in benches:
-        info = b.get("extra_info", {})
-        if info.get("impl") is not None and info.get("impl") == info.get("baseline"):
-            baselines[b["group"]] = _per_call_median_s(b)
-    has_peak = any("peak_mem_mib" in b.get("extra_info", {}) for b in benches)
-    header = ["benchmark", "impl", "median ms", "vs baseline", "throughput"] + (["peak MiB"] if has_peak else [])
-    lines = [
-        f"Machine: {_machine_line(data.get('machine_info', {}))}",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
-    ]
-    for b in benches:
-        info = b.get("extra_info", {})
-        median = _per_call_median_s(b)
-        base = baselines.get(b["group"])
-        ratio = f"{median / base:.2f}x {info.get('baseline', '')}".rstrip() if base else "n/a"
-        row = [b["group"] or b["name"], info.get("impl", b["name"]), f"{median * 1e3:.3f}", ratio, _throughput(info)]
-        if has_peak:
-            row.append(f"{info['peak_mem_mib']:.0f}" if "peak_mem_mib" in info else "")
-        lines.append("| " + " | ".join(row) + " |")
-    spread = _baseline_spread(benches)
-    if spread is not None:
-        lines += ["", f"Noise check: the same baseline op on the same shape varies up to {spread:.2f}x across groups "
-                  "(1.00x on a quiet machine; rerun when it is far above)."]
+def tables(data: dict) -> str:
+    m = data.get("machine_info", {})
+    lines = [f"Machine: {m.get('cpu_model')} ({m.get('torch_threads')} torch threads), GPU: {m.get('gpu') or 'none'}, "
+             f"torch {m.get('torch')}, triton {m.get('triton')}, diffusers {m.get('diffusers')}; load average "
+             f"{_load(m.get('loadavg_at_start'))} at start, {_load(m.get('loadavg_at_end'))} at end.", ""]
+    kernels, steps = [], defaultdict(dict)
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info", {})
+        if "report" in info:
+            lines += report.flops_table(info["report"]) + [""]
+        elif "setting" in info and "median_ms" in info:
+            steps[info["setting"]][info["impl"]] = info
+        elif "group" in info and "median_ms" in info:
+            kernels.append(info)
+    if kernels:
+        lines += report.kernel_table({"results": kernels}, "Kernel sweep") + [""]
+    for setting, contenders in steps.items():
+        first = next(iter(contenders.values()))
+        result = dict(first, contenders=contenders, threads=m.get("torch_threads"), rounds=first["rounds"],
+                      warmup="pytest-benchmark's", noise_check=contenders.get("cfg", first)["paired_ratio_to_cfg"])
+        lines += report.step_table(result, f"Guided step, {setting}") + [""]
     return "\n".join(lines)
-
-
-def _baseline_spread(benches: list) -> float | None:
-    """Largest max/min ratio of baseline medians that time the same op on the same shape in different groups
-    (the CPU suite runs SDPA on identical inputs for every case): a cheap indicator of machine noise."""
-    by_shape: dict = {}
-    for b in benches:
-        info = b.get("extra_info", {})
-        if info.get("impl") is None or info.get("impl") != info.get("baseline"):
-            continue
-        key = tuple(info.get(k) for k in ("device", "impl", "B", "H", "N", "D", "dtype"))
-        by_shape.setdefault(key, []).append(_per_call_median_s(b))
-    ratios = [max(m) / min(m) for m in by_shape.values() if len(m) > 1]
-    return max(ratios) if ratios else None
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json_path", help="a file written by pytest --benchmark-json")
+    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON files (--benchmark-json)")
     args = parser.parse_args(argv)
-    with open(args.json_path) as f:
-        data = json.load(f)
-    print(table(data))
+    for path in args.json:
+        with open(path) as f:
+            print(tables(json.load(f)))
     return 0
 
 

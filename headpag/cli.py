@@ -135,12 +135,15 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import main as bench_main
+    from .benchmarks.report import main as bench_main
 
-    return bench_main(out_dir=args.out, quick=args.quick)
+    return bench_main(out_dir=args.out, sections=args.sections, quick=args.quick, rounds=args.rounds,
+                      readme=args.readme)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .benchmarks import SECTIONS
+
     parser = argparse.ArgumentParser(prog="headpag", description="Head-level perturbed-attention guidance for diffusers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -219,9 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "current directory)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="performance report: meta-device FLOPs per guided step (SD3-medium, FLUX.1-dev, "
-                       "SD1.5, SDXL) and an H100 roofline projection, as JSON and a Markdown table")
-    p.add_argument("--quick", action="store_true", help="SD3-medium with one head set only (smoke test)")
+    p = sub.add_parser("bench", help="performance report as JSON and a Markdown table: full-size FLOPs per guided step "
+                       "(SD3-medium, FLUX.1-dev, SD1.5, SDXL) with an H100 roofline projection, CPU wall clock, and "
+                       "the GPU suites when CUDA is present")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                   help="what to run (default: all; gpu is skipped with a message without CUDA)")
+    p.add_argument("--quick", action="store_true", help="FLOPs of SD3-medium with one head set only (smoke test)")
+    p.add_argument("--rounds", type=_positive_int, default=None, help="timed rounds per wall-clock benchmark "
+                   "(default: each suite's own)")
+    p.add_argument("--readme", default=None, metavar="PATH", help="also replace the report between the "
+                   "'<!-- headpag bench: begin/end -->' lines of this Markdown file (e.g. README.md)")
     p.add_argument("--out", default="bench/results", help="directory for headpag-bench.json and report.md "
                    "(default: bench/results)")
     p.set_defaults(func=cmd_bench)

@@ -1,47 +1,218 @@
-"""``headpag bench``: the quick report (SD3-medium, one head set, meta device) and the CLI entry."""
+"""``headpag bench`` and its suites (headpag.benchmarks): each runs here on tiny settings and is checked against
+what it must report; the full-size FLOP section runs in its quick form."""
 
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
+import torch
 
-from headpag.bench import run_report
+from headpag.benchmarks import guided_step, kernel_sweep, report, roofline, timing
 from headpag.cli import build_parser
 
+TINY_SD3 = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=8, attention_head_dim=8,
+                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
+                pos_embed_max_size=8, qk_norm=None)
+TINY = guided_step.Setting("tiny", TINY_SD3, latent=8, text=4, device="cpu", dtype=torch.float32, rounds=2, warmup=1,
+                           label="tiny CPU setting of the tests", project_roofline=True)
 
-def test_quick_report(tmp_path):
-    report = run_report(out_dir=tmp_path, quick=True)
-    data = json.loads((tmp_path / "headpag-bench.json").read_text())
-    markdown = (tmp_path / "report.md").read_text()
-    assert data["results"] and len(data["results"]) == len(report["results"])
-    assert "fused/minimum" in markdown and "projection" in markdown
-    assert data["gpu"]
-    for entry in data["results"]:
+
+# ---- the command ------------------------------------------------------------------------------------------------
+
+def test_quick_report_flops_and_gpu_section(tmp_path):
+    result = report.run_report(out_dir=tmp_path, sections=("flops", "gpu"), quick=True)
+    data = json.loads((tmp_path / report.JSON_NAME).read_text())
+    markdown = (tmp_path / report.MARKDOWN_NAME).read_text()
+    assert data["sections"] == ["flops", "gpu"] and len(data["flops"]["results"]) == len(result["flops"]["results"]) == 2
+    assert "fused/minimum" in markdown and "projection" in markdown and data["machine"]["cpu_model"] in markdown
+    assert data["date"][:10] in markdown
+    for entry in data["flops"]["results"]:
         assert entry["model"] == "SD3-medium"
         ratio = entry["ratios"]["fused/minimum"]
         assert 1.0 - 1e-6 < ratio <= 1.02, (entry["case"], ratio, entry["fused_excess_over_minimum"])
         assert entry["flops"]["fused"] > entry["flops"]["cfg_only"] >= entry["flops"]["plain"] > 0
-        roofline = entry["roofline_h100_projection"]
-        for variant in ("cfg_only", "eager", "fused", "minimum"):
-            assert roofline[variant]["kind"] == "projection"
-            assert roofline[variant]["seconds"] > 0 and roofline[variant]["weights_read_s"] > 0
-    assert {e["case"] for e in data["results"]} == {"cfg_on", "cfg_off"}
+        assert entry["flops"]["eager"] > entry["flops"]["fused"]
+        for variant, projection in entry["roofline_h100_projection"].items():
+            assert projection["kind"] == "projection"
+            assert projection["seconds"] == pytest.approx(entry["flops"][variant] / 989e12)  # compute-bound
+    assert {e["case"] for e in data["flops"]["results"]} == {"cfg_on", "cfg_off"}
+    if not torch.cuda.is_available():
+        assert data["gpu"] == {"skipped": "skipped: no CUDA device (torch.cuda.is_available() is False)"}
+        assert "GPU suites skipped: no CUDA device" in markdown
 
 
-def test_bench_help(capsys):
+def test_sections_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="sections must be a non-empty subset of flops, cpu, gpu"):
+        report.run_report(out_dir=tmp_path, sections=("flops", "disk"))
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        report.run_report(out_dir=tmp_path, sections=("gpu",), rounds=0)
+    assert not list(tmp_path.iterdir())
+
+
+def test_embed_in_readme(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Benchmarks\n\n{report.README_BEGIN}\nold table\n{report.README_END}\n\nafter\n")
+    report.embed_in_readme(readme, "# headpag bench\n\n| a |\n## CPU\n")
+    assert readme.read_text() == (f"# x\n\n## Benchmarks\n\n{report.README_BEGIN}\n### headpag bench\n\n| a |\n"
+                                  f"#### CPU\n{report.README_END}\n\nafter\n")
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="must hold the lines"):
+        report.embed_in_readme(readme, "table")
+    assert readme.read_text() == "no markers\n"
+
+
+def test_bench_cli(capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["bench", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "--quick" in out and "--out" in out
-    args = build_parser().parse_args(["bench", "--quick", "--out", "x"])
-    assert args.quick and args.out == "x" and args.func.__name__ == "cmd_bench"
+    assert all(option in out for option in ("--quick", "--out", "--sections", "--rounds", "--readme"))
+    args = build_parser().parse_args(["bench", "--quick", "--out", "x", "--sections", "flops", "cpu", "--rounds", "3"])
+    assert args.quick and args.out == "x" and args.sections == ["flops", "cpu"] and args.rounds == 3
+    assert args.func.__name__ == "cmd_bench"
+    assert build_parser().parse_args(["bench"]).sections == ["flops", "cpu", "gpu"]
+    for bad in (["--sections", "disk"], ["--rounds", "0"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["bench", *bad])
+        assert bad[0] in capsys.readouterr().err
 
 
-def test_missing_bench_dir(tmp_path, monkeypatch):
-    import headpag.bench as bench
+# ---- guided step ------------------------------------------------------------------------------------------------
 
-    monkeypatch.setattr(bench, "__file__", str(tmp_path / "headpag" / "bench.py"))
-    with pytest.raises(RuntimeError, match="bench/"):
-        bench.bench_dir()
+@pytest.fixture(scope="module")
+def tiny_step() -> dict:
+    return guided_step.run(TINY)
+
+
+def test_guided_step_suite(tiny_step):
+    r = tiny_step
+    assert r["setting"] == "tiny" and r["rounds"] == 2 and set(r["contenders"]) == set(guided_step.CONTENDERS)
+    diffs = dict(r["max_abs_diffs"])  # checked before timing: agreeing pairs agree, PAG changes the step
+    assert diffs.pop("ref_vs_cfg") == 0
+    for key, diff in diffs.items():
+        assert diff > guided_step.MIN_PAG_EFFECT if key.endswith("_vs_cfg") else diff <= 1e-4, (key, diff)
+    flops = guided_step.step_flops(TINY)
+    for name, c in r["contenders"].items():
+        assert c["rounds"] == 2 and c["min_ms"] <= c["median_ms"] <= c["max_ms"]
+        assert c["paired_ratio_to_cfg"]["min"] <= c["paired_ratio_to_cfg"]["median"] <= c["paired_ratio_to_cfg"]["max"]
+        assert c["flop_ratio_to_cfg"] == pytest.approx(flops[name] / flops["cfg"])
+        assert c["ratio_of_medians_to_cfg"] == pytest.approx(c["median_ms"] / r["contenders"]["cfg"]["median_ms"])
+        assert c["roofline_h100_projection"]["kind"] == "projection"
+        assert ("step_peak_mib" in c and c["process_peak_mib"] > 0) or "not_measured" in c
+    # fused runs the twins from the fork unit on only; eager and diffusers run whole extra rows
+    f = {n: c["flop_ratio_to_cfg"] for n, c in r["contenders"].items()}
+    assert 1 < f["fused-heads"] < f["fused-layers"] < f["eager-layers"] == f["diffusers-pag-layers"] == f["eager-heads"] == 1.5
+
+
+def test_guided_step_checks_refuse_wrong_outputs():
+    base = torch.zeros(1, 4, 2, 2)
+    good = {name: base + (0 if name == "cfg" else 1.0) for name in guided_step.CONTENDERS}
+    good["ref"] = base.clone()
+    assert guided_step.check_outputs(good, torch.float32)["fused-heads_vs_eager-heads"] == 0
+    with pytest.raises(AssertionError, match="fused-heads vs eager-heads"):
+        guided_step.check_outputs(dict(good, **{"eager-heads": base + 1.1}), torch.float32)
+    with pytest.raises(AssertionError, match="PAG did nothing"):
+        guided_step.check_outputs(dict(good, **{"fused-heads": base, "eager-heads": base}), torch.float32)
+    with pytest.raises(AssertionError, match="paired copy"):
+        guided_step.check_outputs(dict(good, ref=base + 1e-3), torch.float32)
+
+
+def test_setting_json_round_trip_and_cuda_skip():
+    assert guided_step.Setting.from_json(TINY.to_json()) == TINY
+    if not torch.cuda.is_available():
+        assert guided_step.run("cuda-sd3-medium") == dict(
+            setting="cuda-sd3-medium", skipped="skipped: no CUDA device (torch.cuda.is_available() is False)")
+        assert report.gpu_section()["skipped"].startswith("skipped: no CUDA device")
+
+
+def test_markdown_puts_projection_next_to_measured_gpu_step(tiny_step):
+    gpu = dict(gpu="Test GPU", kernels=dict(device="cuda", results=[], skipped_impls=[]), guided_step={"tiny": tiny_step})
+    text = report.markdown(dict(date="2026-01-01T00:00:00+00:00", machine=dict(
+        cpu_model="cpu", cpu_count=2, torch_threads=2, gpu="Test GPU", torch="t", triton="x", diffusers="d",
+        load_average=[0.5]), headpag=dict(commit="abc"), seconds=1.0, gpu=gpu))
+    assert "GPU: Test GPU." in text and "H100 ms (projection)" in text
+    cfg_row = next(line for line in text.splitlines() if line.startswith("| cfg:"))
+    projected = tiny_step["contenders"]["cfg"]["roofline_h100_projection"]["ms"]
+    assert cfg_row.rstrip(" |").endswith(f"{projected:.1f}")
+
+
+# ---- kernel sweep -----------------------------------------------------------------------------------------------
+
+def test_kernel_sweep_runs_triton_and_torch_against_the_oracle():
+    cases = [kernel_sweep.Case(c, "cpu", 1, 2, 24, 16, torch.float32, ("sdpa", "torch", "triton", "reference"), n_text=5)
+             for c in kernel_sweep.CASES]
+    result = kernel_sweep.run("cpu", cases, rounds=1)
+    assert result["skipped_impls"] == [] and len(result["results"]) == 4 * 4
+    for r in result["results"]:
+        assert r[f"ratio_to_{r['baseline']}"] == pytest.approx(
+            r["median_ms"] / next(x["median_ms"] for x in result["results"] if x["group"] == r["group"] and x["impl"] == "sdpa"))
+        if r["impl"] in ("torch", "triton"):
+            assert r["max_abs_diff_vs_reference"] <= 1e-4
+        if r["case"] == "identity" and r["impl"] in ("torch", "triton"):
+            assert "tflop_per_s" not in r  # joint identity does no attention FLOPs
+    if not torch.cuda.is_available():
+        assert kernel_sweep.run("cuda")["skipped"].startswith("skipped: no CUDA device")
+
+
+def test_kernel_sweep_check_refuses_a_wrong_result(monkeypatch):
+    case = kernel_sweep.Case("soft", "cpu", 1, 2, 16, 8, torch.float32, ("sdpa", "torch"))
+    q, k, v = kernel_sweep.inputs(case)
+    assert kernel_sweep.check(case, "torch", q, k, v) <= 1e-5
+    with pytest.raises(ValueError, match="impl must be one of"):
+        kernel_sweep.op(case, "cuda-magic", q, k, v)
+    monkeypatch.setattr(kernel_sweep, "op", lambda case, impl, q, k, v: v.clone)  # the identity: wrong for SoftPAG
+    with pytest.raises(AssertionError, match="cpu soft N=16"):
+        kernel_sweep.check(case, "torch", q, k, v)
+
+
+def test_cuda_cases_cover_the_kernel_sweep():
+    cases = kernel_sweep.cuda_cases()
+    assert {(c.N, c.D, c.dtype) for c in cases} == {(n, d, t) for n in (1024, 4096, 16384) for d in (64, 128)
+                                                     for t in (torch.float16, torch.bfloat16)}
+    assert {c.case for c in cases} == set(kernel_sweep.CASES) and all(c.impls[-1] == "triton" for c in cases)
+    assert all(c.baseline == ("copy" if c.case == "identity" else "sdpa") for c in cases)
+
+
+# ---- timing and roofline ----------------------------------------------------------------------------------------
+
+def test_time_rounds_calls_and_summary():
+    calls, setups, syncs = [], [], []
+    times = timing.time_rounds(lambda: calls.append(1), rounds=4, warmup=2, setup=lambda: setups.append(1),
+                               sync=lambda: syncs.append(1), calls_per_round=3)
+    assert len(times) == 4 and len(calls) == 6 * 3 and len(setups) == 6 and len(syncs) == 12
+    s = timing.summary([0.004, 0.001, 0.003, 0.002])
+    assert s["median_ms"] == pytest.approx(2.5) and s["min_ms"] == pytest.approx(1) and s["max_ms"] == pytest.approx(4)
+    assert s["iqr_ms"] == pytest.approx((statistics.quantiles([1, 2, 3, 4], n=4, method="inclusive")[2] - 1.75))
+    assert s["spread"] == pytest.approx(3 / 2.5)
+    assert timing.ratio_summary([1.5, 1.0, 2.0]) == dict(median=1.5, min=1.0, max=2.0)
+    for bad in (dict(rounds=0), dict(rounds=1, warmup=-1), dict(rounds=1, calls_per_round=0)):
+        with pytest.raises(ValueError, match="rounds >= 1"):
+            timing.time_rounds(lambda: None, **bad)
+    with pytest.raises(ValueError, match="at least one"):
+        timing.summary([])
+
+
+def test_roofline_projection():
+    p = roofline.project(989e12, 1_000_000)
+    assert p["kind"] == "projection" and p["bound"] == "compute" and p["seconds"] == pytest.approx(1.0)
+    m = roofline.project(1e9, 3.35e12)  # 6.7e12 bytes of bf16 weights at 3.35e12 B/s
+    assert m["bound"] == "memory" and m["seconds"] == pytest.approx(2.0) and m["ms"] == pytest.approx(2000)
+    with pytest.raises(ValueError, match="flops and parameters must be >= 0"):
+        roofline.project(-1, 1)
+
+
+def test_a_failing_section_is_reported_and_fails_the_command(tmp_path, monkeypatch, capsys):
+    def broken(quick=False):
+        raise AssertionError("fused vs eager: mismatch")
+
+    monkeypatch.setattr(report.full_size, "run", broken)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.README_BEGIN}\nold\n{report.README_END}\n")
+    assert report.main(out_dir=tmp_path, sections=("flops", "gpu"), readme=readme) == 1
+    data = json.loads((tmp_path / report.JSON_NAME).read_text())
+    assert data["failed_sections"] == ["flops"] and data["flops"] == {"error": "AssertionError: fused vs eager: mismatch"}
+    assert "gpu" in data and "error" not in data["gpu"]
+    assert "**Section flops failed**: AssertionError: fused vs eager: mismatch" in (tmp_path / report.MARKDOWN_NAME).read_text()
+    assert "old" in readme.read_text() and "failed sections: flops" in capsys.readouterr().out

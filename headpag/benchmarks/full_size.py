@@ -1,38 +1,25 @@
-"""``headpag bench``: the performance report in one command (meta-device FLOPs, no weights, no GPU needed).
+"""Full-size cost of one guided step without a GPU: FLOPs on the meta device (``FlopCounterMode``), no weights.
 
-For SD3-medium and FLUX.1-dev it reuses ``bench/guided_flops.py`` (``sd3_pipe``/``flux_pipe``, ``sd3_call``/
-``flux_call``, ``analyse``); for SD1.5 and SDXL it builds full-size ``UNet2DConditionModel``s on the meta device
-inside real ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` objects and counts the same contenders.
-Per model, three head sets (one early layer, a paper-like set of 24 heads mostly in the first half of the layers,
-a style set spread over all layers), each with CFG on (2 base rows) and CFG off (1 base row): plain forward
+SD3-medium and FLUX.1-dev through ``meta_flops`` (real ``StableDiffusion3Pipeline`` / ``FluxPipeline`` objects);
+SD1.5 and SDXL as full-size ``UNet2DConditionModel``s on the meta device inside real ``StableDiffusionPipeline`` /
+``StableDiffusionXLPipeline`` objects, each at its native resolution. Per model, three head sets written out below
+(one early layer, a paper-like set of 24 heads mostly in the first half of the layers, a style set spread over all
+layers), each with CFG on (2 base rows) and CFG off (1 base row, the setting HeadHunter searches in): plain forward
 (1 row, no guidance), CFG-only step (the base rows), eager, fused, and the theoretical minimum (base rows through
-everything, plus the twin row from the fork unit on, minus the attention skipped by identity heads). FLUX.1-dev
-uses distilled guidance: it has only the 1-row case.
-
-A roofline *projection* (not a measurement) of H100 time per guided step is added:
-``max(FLOPs / 989e12, bytes / 3.35e12)`` with bytes = parameter count x 2 (bf16 weights read once per step).
-
-``bench/`` is not a package: its scripts are imported by path from the repository root; an installed wheel
-without ``bench/`` raises a clear error.
+everything, plus the twin row from the fork unit on, minus the attention skipped by identity heads; the same fork
+units as the code). FLUX.1-dev uses distilled guidance: only the 1-row case. Each count carries the roofline
+projection of its H100 time (``roofline.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import json
-import os
-import platform
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
-H100_BF16_DENSE_FLOPS = 989e12
-H100_HBM_BYTES_PER_S = 3.35e12
-STEPS = 28
+from . import meta_flops, roofline
+from .meta_flops import STEPS
 
 # SD1.5 (runwayml/stable-diffusion-v1-5 unet/config.json) and SDXL base 1.0 (unet/config.json).
 SD15_UNET = dict(
@@ -89,33 +76,6 @@ HEAD_SETS = {
 QUICK = {"SD3-medium": ["paper-like"]}
 
 
-def bench_dir() -> Path:
-    """The repository's ``bench/`` folder (next to the ``headpag`` package), or a clear error."""
-    root = Path(__file__).resolve().parent.parent
-    bench = root / "bench"
-    if not (bench / "guided_flops.py").is_file():
-        raise RuntimeError(f"headpag bench needs the repository's bench/ scripts (looked for {bench / 'guided_flops.py'}); "
-                           "they are not part of an installed wheel: run it from a source checkout (pip install -e .)")
-    return bench
-
-
-def _load(name: str):
-    """Import ``bench/<name>.py`` by path (bench/ is not a package); cached in ``sys.modules``."""
-    key = f"_headpag_bench_{name}"
-    if key in sys.modules:
-        return sys.modules[key]
-    bench = bench_dir()
-    spec = importlib.util.spec_from_file_location(key, bench / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[key]
-        raise
-    return module
-
-
 def _expand(heads: str, layers) -> str:
     out = []
     for item in heads.split(","):
@@ -127,17 +87,6 @@ def _expand(heads: str, layers) -> str:
         assert layer < len(layers) and head < layers[layer].heads, (item, len(layers))
     assert len(set(out)) == len(out), heads
     return ",".join(out)
-
-
-@contextlib.contextmanager
-def _heads_of(gf, heads: str):
-    """``guided_flops.analyse`` reads the module-level ``HEADS``: set it for one call."""
-    saved = gf.HEADS
-    gf.HEADS = heads
-    try:
-        yield
-    finally:
-        gf.HEADS = saved
 
 
 # ---- UNets (SD1.5, SDXL) ----------------------------------------------------------------------------------------
@@ -214,8 +163,8 @@ def _unet_tokens(model, unit: str, latent: int) -> int:
     return side * side
 
 
-def analyse_unet(gf, name: str, pipe, call, n_base: int, heads: str, latent: int) -> dict:
-    """``guided_flops.analyse`` for a UNet: the fork unit is a down/mid/up block, the units after it plus
+def analyse_unet(name: str, pipe, call, n_base: int, heads: str, latent: int) -> dict:
+    """``meta_flops.analyse`` for a UNet: the fork unit is a down/mid/up block, the units after it plus
     ``conv_norm_out``/``conv_out`` carry the twin row, and each identity head skips ``4 N^2 D`` at its own
     resolution (N image tokens of that block)."""
     from headpag.layers import forward_units, list_layers
@@ -235,7 +184,7 @@ def analyse_unet(gf, name: str, pipe, call, n_base: int, heads: str, latent: int
              "eager": dict(kind="eager", heads=heads)}
     results, per_module = {}, {}
     for key, spec in specs.items():
-        total, modules = gf.count_variant(pipe, call, n_base, spec)
+        total, modules = meta_flops.count_variant(pipe, call, n_base, spec)
         results[key] = total
         per_module[key] = _unet_children(modules, root)
     seconds = time.perf_counter() - t0
@@ -268,43 +217,36 @@ def analyse_unet(gf, name: str, pipe, call, n_base: int, heads: str, latent: int
     )
 
 
-# ---- the report -------------------------------------------------------------------------------------------------
+# ---- the section --------------------------------------------------------------------------------------------
 
-def _models(gf):
-    """(name, pipe factory, call maker, denoiser attribute, CFG cases {label: guidance scale or None}, resolution)."""
+def models():
+    """(name, pipe factory, call maker, denoiser attribute, CFG cases {label: guidance scale or None}, resolution,
+    joint attention tokens or ``None`` for UNets)."""
+    mf = meta_flops
     return [
-        ("SD3-medium", lambda: gf.sd3_pipe(gf.SD3_MEDIUM), gf.sd3_call, "transformer", {"cfg_on": 7.0, "cfg_off": 1.0},
-         "1024x1024, 4096 image + 333 text tokens"),
-        ("FLUX.1-dev", lambda: gf.flux_pipe(gf.FLUX_DEV), gf.flux_call, "transformer", {"distilled": None},
-         "1024x1024, 4096 image + 512 text tokens"),
+        ("SD3-medium", lambda: mf.sd3_pipe(mf.SD3_MEDIUM), mf.sd3_call, "transformer", {"cfg_on": 7.0, "cfg_off": 1.0},
+         "1024x1024, 4096 image + 333 text tokens", 4096 + mf.SD3_TEXT),
+        ("FLUX.1-dev", lambda: mf.flux_pipe(mf.FLUX_DEV), mf.flux_call, "transformer", {"distilled": None},
+         "1024x1024, 4096 image + 512 text tokens", 4096 + mf.FLUX_TEXT),
         ("SD1.5", sd15_pipe, unet_call(SD15_LATENT, SD15_TEXT, sdxl=False), "unet", {"cfg_on": 7.0, "cfg_off": 1.0},
-         "512x512, 64x64 latents, 77 text tokens"),
+         "512x512, 64x64 latents, 77 text tokens", None),
         ("SDXL", sdxl_pipe, unet_call(SDXL_LATENT, SDXL_TEXT, sdxl=True), "unet", {"cfg_on": 7.0, "cfg_off": 1.0},
-         "1024x1024, 128x128 latents, 77 text tokens"),
+         "1024x1024, 128x128 latents, 77 text tokens", None),
     ]
 
 
-def _roofline(flops: int, params: int) -> dict:
-    compute = flops / H100_BF16_DENSE_FLOPS
-    memory = params * 2 / H100_HBM_BYTES_PER_S
-    return dict(kind="projection", seconds=max(compute, memory), ms=max(compute, memory) * 1e3,
-                compute_bound_s=compute, weights_read_s=memory, bound="compute" if compute >= memory else "memory")
-
-
-def run_report(out_dir: str | os.PathLike = "bench/results", quick: bool = False) -> dict:
-    """Counts every model / head set / CFG case, writes ``headpag-bench.json`` and ``report.md`` under ``out_dir``
-    and returns the report. ``quick``: SD3-medium, one head set (for the test suite)."""
+def run(quick: bool = False) -> dict:
+    """Counts every model / head set / CFG case (``quick``: SD3-medium, one head set) plus HeadHunter's FLOPs per
+    candidate (not in ``quick``). Returns ``{"results": [...], "hunt": ..., "seconds": ...}``."""
     from headpag.layers import list_layers
 
-    gf = _load("guided_flops")
     start = time.perf_counter()
     entries = []
-    for name, make_pipe, call, attr, cases, resolution in _models(gf):
+    for name, make_pipe, call, attr, cases, resolution, n_tokens in models():
         if quick and name not in QUICK:
             continue
         pipe = make_pipe()
-        model = getattr(pipe, attr)
-        params = sum(p.numel() for p in model.parameters())
+        params = sum(p.numel() for p in getattr(pipe, attr).parameters())
         layers = list_layers(pipe)
         sets = HEAD_SETS[name]
         for set_name in (QUICK[name] if quick else sets):
@@ -313,16 +255,14 @@ def run_report(out_dir: str | os.PathLike = "bench/results", quick: bool = False
                 if guidance is not None:
                     pipe._guidance_scale = guidance
                 n_base = 1 if guidance is None or guidance <= 1 else 2
-                plain, _ = gf._count(call(pipe, 1))
-                if attr == "transformer":
-                    with _heads_of(gf, heads):
-                        result = gf.analyse(f"{name} {resolution}", pipe, call, n_base, with_diffusers=False)
+                plain, _ = meta_flops._count(call(pipe, 1))
+                if n_tokens is not None:
+                    result = meta_flops.analyse(f"{name} {resolution}", pipe, call, n_base, heads, n_tokens)
                 else:
                     latent = SD15_LATENT if name == "SD1.5" else SDXL_LATENT
-                    result = analyse_unet(gf, f"{name} {resolution}", pipe, call, n_base, heads, latent)
-                result.pop("config", None)
+                    result = analyse_unet(f"{name} {resolution}", pipe, call, n_base, heads, latent)
                 flops = dict(result["flops"], plain=plain)
-                entry = dict(
+                entries.append(dict(
                     model=name, resolution=resolution, head_set=set_name, case=case, n_heads=len(heads.split(",")),
                     heads=heads, selected_layers=result["selected_layers"], fork_unit=result["fork_unit"],
                     n_base_rows=n_base, parameters=params, flops=flops,
@@ -334,59 +274,10 @@ def run_report(out_dir: str | os.PathLike = "bench/results", quick: bool = False
                             "cfg_only/plain": flops["cfg_only"] / flops["plain"]},
                     within_2pct_of_minimum=flops["fused"] / flops["minimum"] <= 1.02,
                     fused_excess_over_minimum=result["fused_excess_over_minimum"],
-                    roofline_h100_projection={k: _roofline(flops[k], params) for k in ("cfg_only", "eager", "fused", "minimum")},
+                    roofline_h100_projection={k: roofline.project(flops[k], params)
+                                              for k in ("plain", "cfg_only", "eager", "fused", "minimum")},
                     count_seconds=result["count_seconds"],
-                )
-                entries.append(entry)
-        pipe._guidance_scale = 7.0
-    hunt = None
-    if not quick:  # HeadHunter's FLOP ratio (bench/hunt_bench.py, meta device); its CPU wall-clock part is not run
-        hunt = _load("hunt_bench").flops_sd3_medium()
-    gpu = ("CUDA available: nothing extra is run by this command (the GPU suites are bench/test_guided_step_bench.py "
-           "and bench/test_kernel_bench.py)" if torch.cuda.is_available() else "skipped: no CUDA")
-    report = dict(
-        description=__doc__.split("\n\n")[0].strip(),
-        machine=dict(torch=torch.__version__, python=platform.python_version(),
-                     diffusers=__import__("diffusers").__version__, platform=platform.platform()),
-        headpag=gf.headpag_source(), quick=quick, scale=gf.SCALE,
-        roofline_note=("projection, not a measurement: H100 time per guided step = max(FLOPs / 989e12 dense bf16 "
-                       "FLOP/s, bytes / 3.35e12 B/s), bytes = parameters x 2 (bf16 weights read once per step)"),
-        results=entries, hunt_flops_sd3_medium=hunt, gpu=gpu, seconds=time.perf_counter() - start,
-    )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "headpag-bench.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(markdown(report))
-    return report
-
-
-def markdown(report: dict) -> str:
-    lines = ["# headpag bench", "",
-             "FLOPs per guided denoiser step on the meta device (FlopCounterMode), full-size configs, scale "
-             f"{report['scale']}, mode joint. Fused target: within 2% of the theoretical minimum.", "",
-             "| model | head set | case | heads | fork unit | plain TFLOP | CFG-only TFLOP | eager TFLOP | fused TFLOP | minimum TFLOP "
-             "| fused/minimum | fused/CFG-only | eager/fused | H100 fused ms (projection) |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for e in report["results"]:
-        t, r = e["tflop"], e["ratios"]
-        proj = e["roofline_h100_projection"]["fused"]
-        lines.append(f"| {e['model']} | {e['head_set']} | {e['case']} | {e['n_heads']} | {e['fork_unit']} | "
-                     f"{t['plain']:.3f} | {t['cfg_only']:.3f} | {t['eager']:.3f} | {t['fused']:.3f} | {t['minimum']:.3f} | "
-                     f"{r['fused/minimum']:.4f} | {r['fused/cfg_only']:.3f} | {r['eager/fused']:.3f} | "
-                     f"{proj['ms']:.2f} ({proj['bound']}) |")
-    hunt = report.get("hunt_flops_sd3_medium")
-    if hunt:
-        lines += ["", f"HeadHunter (bench/hunt_bench.py, SD3-medium 1024^2, CFG off): one candidate at a time costs "
-                  f"{hunt['one_at_a_time / fused_batched']:.2f}x the FLOPs per candidate image and step of a batch of "
-                  f"24 fused candidates ({hunt['note']})."]
-    lines += ["", f"Roofline: {report['roofline_note']}.", "", f"GPU: {report['gpu']}.", "",
-              f"headpag {report['headpag'].get('commit')}, torch {report['machine']['torch']}, diffusers "
-              f"{report['machine']['diffusers']}; counted in {report['seconds']:.0f} s.", ""]
-    return "\n".join(lines)
-
-
-def main(out_dir="bench/results", quick=False) -> int:
-    report = run_report(out_dir=out_dir, quick=quick)
-    print(markdown(report))
-    print(f"wrote {Path(out_dir) / 'headpag-bench.json'} and {Path(out_dir) / 'report.md'}")
-    return 0
+                ))
+    hunt = None if quick else meta_flops.hunt_candidate_flops()
+    return dict(scale=meta_flops.SCALE, mode="joint", u=1.0, results=entries, hunt=hunt,
+                roofline_note=roofline.NOTE, seconds=time.perf_counter() - start)

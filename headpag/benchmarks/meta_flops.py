@@ -1,56 +1,40 @@
-"""FLOPs of one guided denoiser step on the meta device: full-size SD3-medium and FLUX.1-dev, no weights, no GPU.
-
-    python bench/guided_flops.py                      # writes bench/results/guided-step-flops.json
-    python bench/guided_flops.py --out other.json     # elsewhere
+"""FLOPs of one guided denoiser step on the meta device: full-size models, no weights, no GPU.
 
 ``FlopCounterMode`` counts matrix products (``2 * m * n * k``) on meta tensors, where SDPA runs the math path and
 ``headpag::perturbed_attention`` is costed by its registered formula (kernels/flops.py). On CPU tensors SDPA
 would count as 0 FLOPs, hence meta (DESIGN.md, "Testing without a GPU or a hub").
 
-The models are built from the real configs under ``with torch.device("meta")`` and wrapped in real
+The models are built from real configs under ``with torch.device("meta")`` and wrapped in real
 ``StableDiffusion3Pipeline`` / ``FluxPipeline`` objects (no VAE, no text encoders, a real scheduler with 28
 timesteps), so ``headpag.enable_fused`` / ``enable_eager`` patch them exactly as they patch a loaded pipeline.
-The transformer is then called once, as the pipeline's denoising loop would call it for one step (headpag treats
-every call on meta as guided: the step position cannot be read from a meta timestep):
+The denoiser is then called once, as the pipeline's loop calls it for one step (headpag treats every call on
+meta as guided: the step position cannot be read from a meta timestep).
 
-- SD3-medium, 1024x1024 (128x128 latents, 4096 image tokens), 333 text tokens (77 CLIP + 256 T5), CFG on: rows
-  ``[uncond, cond]``. Contenders: CFG only (2 rows); headpag fused CFG+PAG (2 rows up to the fork unit, then
-  3); headpag eager CFG+PAG (the 2-row call plus a separate 1-row perturbed forward); diffusers'
-  ``StableDiffusion3PAGPipeline`` processors on the same layers (layer level: 3 rows through every block,
-  ``mode="image"`` semantics, i.e. every head of those layers).
-- FLUX.1-dev, 1024x1024 (4096 image tokens), 512 text tokens, distilled guidance: one row per step under
-  ``cache_context("cond")``. Contenders: guidance only (1 row); fused (1 row up to the fork, then 2); eager.
-  There is no diffusers PAG pipeline for Flux.
+Contenders (``count_variant``): CFG only (the base rows: 2 ``[uncond, cond]`` with CFG, 1 without or for Flux's
+distilled guidance), headpag fused (base rows up to the fork unit, then one twin per cond row), headpag eager
+(the base call plus a separate 1-row perturbed forward), diffusers' ``StableDiffusion3PAGPipeline`` processors on
+the same layers (3 rows through every block).
 
-Theoretical minimum of a guided step: the base rows through the whole denoiser, plus each twin row through the
-fork unit (the first forward-loop unit holding a selected head) and everything after it (the remaining units,
-``norm_out``, ``proj_out``), minus the attention skipped by identity heads (joint mode, ``u = 1``:
-``4 * N * N * D`` per selected head per twin row). Per-row unit costs come from the CFG-only count's per-module
-breakdown divided by its rows (every module's FLOPs are linear in the rows). What fused does beyond that is the
-twin rows' pass through the pre-loop embeddings (``pos_embed``, ``time_text_embed``, ``context_embedder``, ...),
-which headpag widens at the denoiser's entry; the JSON lists the per-module excess.
+Theoretical minimum of a guided step (``analyse``): the base rows through the whole denoiser, plus each twin row
+through the fork unit (the first forward-loop unit holding a selected head) and everything after it, minus the
+attention skipped by identity heads (joint mode, ``u = 1``: ``4 * N * N * D`` per selected head per twin row).
+Per-row unit costs come from the CFG-only count's per-module breakdown divided by its rows (every module's FLOPs
+are linear in the rows). What fused does beyond that is the twin rows' pass through the pre-loop embeddings
+(``pos_embed``, ``time_text_embed``, ``context_embedder``...), which headpag widens at the denoiser's entry; the
+results list the per-module excess.
 """
 
 from __future__ import annotations
 
-import argparse
 import inspect
-import json
-import os
-import platform
-import sys
 import time
 from collections import defaultdict
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ (not a package)
-
 import headpag
 from headpag.layers import forward_units, list_layers
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "guided-step-flops.json")
 
 SD3_MEDIUM = dict(
     sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
@@ -63,9 +47,6 @@ FLUX_DEV = dict(
 )
 SD3_TEXT, FLUX_TEXT = 333, 512
 LATENT = 128  # 1024 px / VAE factor 8
-# Heads spread over layers 4..18: two heads in every even layer. Layers 4..18 are all double (joint) blocks in Flux.
-HEAD_LAYERS = tuple(range(4, 19, 2))
-HEADS = ",".join(f"{layer}:{h}" for layer in HEAD_LAYERS for h in (layer % 24, (layer + 7) % 24))
 SCALE = 3.0
 STEPS = 28
 
@@ -227,23 +208,25 @@ def count_variant(pipe, call, n_base: int, spec: dict) -> tuple[int, dict]:
         headpag.disable(pipe)
 
 
-def analyse(name: str, pipe, call, n_base: int, with_diffusers: bool) -> dict:
-    """Counts every contender on ``pipe`` and compares fused with the theoretical minimum."""
+def analyse(name: str, pipe, call, n_base: int, heads: str, n_tokens: int, with_diffusers: bool = False) -> dict:
+    """Counts every contender of one guided step on ``pipe`` (a transformer pipeline; ``call(pipe, rows)`` makes
+    the denoiser call) with ``heads`` selected (u=1, joint mode) and compares fused with the theoretical minimum.
+    ``n_tokens``: the sequence length of the joint attention (image + text tokens)."""
     model = pipe.transformer
     root = type(model).__name__
     units = forward_units(model)
     layers = list_layers(model)
     per_layer = defaultdict(int)  # selected heads per layer
-    for item in HEADS.split(","):
+    for item in heads.split(","):
         per_layer[int(item.split(":")[0])] += 1
     selected = sorted(per_layer)
     fork = min(units.index(layers[i].fork_unit) for i in selected)
     n_twin = 1  # one twin per cond row: SD3 [uncond, cond] + twin, Flux [cond] + twin
     D = layers[selected[0]].head_dim
-    N = {"SD3Transformer2DModel": 4096 + SD3_TEXT, "FluxTransformer2DModel": 4096 + FLUX_TEXT}[root]
+    N = n_tokens
 
     t0 = time.perf_counter()
-    specs = {"cfg_only": dict(kind="plain"), "fused": dict(kind="fused", heads=HEADS), "eager": dict(kind="eager", heads=HEADS)}
+    specs = {"cfg_only": dict(kind="plain"), "fused": dict(kind="fused", heads=heads), "eager": dict(kind="eager", heads=heads)}
     if with_diffusers:
         specs["diffusers_pag"] = dict(kind="diffusers", layers=selected)
     results, per_module = {}, {}
@@ -254,7 +237,7 @@ def analyse(name: str, pipe, call, n_base: int, with_diffusers: bool) -> dict:
     seconds = time.perf_counter() - t0
     cfg_total, cfg_children = results["cfg_only"], per_module["cfg_only"]
 
-    minimum = _minimum(cfg_children, cfg_total, n_base, n_twin, units, fork, len(HEADS.split(",")), N, D)
+    minimum = _minimum(cfg_children, cfg_total, n_base, n_twin, units, fork, len(heads.split(",")), N, D)
     results["minimum"] = minimum["flops"]
     identity_by_unit = defaultdict(int)
     for i, n_heads in per_layer.items():
@@ -266,68 +249,38 @@ def analyse(name: str, pipe, call, n_base: int, with_diffusers: bool) -> dict:
         model=name, model_class=root,
         base="CFG only: 2 rows [uncond, cond]" if n_base == 2 else "guidance only: 1 row [cond] (distilled guidance, no CFG)",
         config={k: list(v) if isinstance(v, tuple) else v for k, v in model.config.items() if not k.startswith("_")},
-        heads=HEADS, selected_layers=selected, fork_unit=units[fork], n_base_rows=n_base, n_twin_rows=n_twin,
-        tokens=dict(total=N, image=4096, text=N - 4096), head_dim=D, mode="joint", u=1.0,
+        heads=heads, selected_layers=selected, fork_unit=units[fork], n_base_rows=n_base, n_twin_rows=n_twin,
+        tokens=N, head_dim=D, mode="joint", u=1.0,
         tflop={k: v / 1e12 for k, v in results.items()}, flops=results, ratios=ratios,
         minimum_parts=minimum, fused_excess_over_minimum=excess,
         fused_excess_total=sum(excess.values()), count_seconds=seconds,
     )
 
 
-def headpag_source() -> dict:
-    """Where the measured headpag comes from: its path and git commit (plus whether headpag/ or kernels/ have
-    uncommitted changes), or ``HEADPAG_SOURCE_COMMIT`` for a copy outside git."""
-    import subprocess
+@torch.no_grad()
+def hunt_candidate_flops(config: dict = SD3_MEDIUM) -> dict:
+    """HeadHunter's cost per candidate image and step at SD3-medium 1024^2, CFG off (rows ``[cond]``): a batch of
+    one candidate per layer (head 0 of each) with fused per-row head sets, each twin forking at its own layer,
+    against one candidate at a time with a separate perturbed forward (the paper's way; the same FLOPs for every
+    layer: the whole second forward)."""
+    from headpag.layers import get_denoiser
+    from headpag.patch import _PATCHES
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(headpag.__file__)))
-    out = dict(path=root)
+    pipe = sd3_pipe(config)
+    pipe._guidance_scale = 1.0
+    n_layers = len(list_layers(pipe))
+    counts = {}
+    headpag.enable_fused(pipe, "0:0", scale=SCALE)
     try:
-        git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731
-        out["commit"] = git("rev-parse", "--short", "HEAD")
-        out["dirty"] = bool(git("status", "--porcelain", "--untracked-files=no", "--", "headpag", "kernels"))
-    except (OSError, subprocess.CalledProcessError):
-        out["commit"] = os.environ.get("HEADPAG_SOURCE_COMMIT", "unknown")
-    return out
-
-
-def run() -> dict:
-    sd3_result = analyse("SD3-medium 1024x1024", sd3_pipe(SD3_MEDIUM), sd3_call, 2, with_diffusers=True)
-    sd3_result["diffusers_pag_note"] = (
-        "StableDiffusion3PAGPipeline processors (PAGCFGJointAttnProcessor2_0) on every head of the selected layers, "
-        "mode='image' semantics; its perturbed row runs masked SDPA over the whole sequence, counted as full attention"
-    )
-    flux_result = analyse("FLUX.1-dev 1024x1024", flux_pipe(FLUX_DEV), flux_call, 1, with_diffusers=False)
-    import test_guided_step_bench as cpu_bench  # the CPU suite's model and contenders (bench/ is on sys.path)
-
-    tiny = cpu_bench.step_flops()
-    cpu_model = dict(
-        model="the CPU suite's SD3-shaped model (test_guided_step_bench.py)", config=cpu_bench.MODEL,
-        text_tokens=cpu_bench.TEXT_LEN, latent=cpu_bench.LATENT, variants=cpu_bench.VARIANTS, flops=tiny,
-        ratios={k: v / tiny["cfg"] for k, v in tiny.items()},
-    )
-    return dict(
-        description=__doc__.split("\n\n")[0].strip(),
-        machine=dict(torch=torch.__version__, python=platform.python_version(),
-                     diffusers=__import__("diffusers").__version__),
-        headpag=headpag_source(),
-        heads=HEADS, scale=SCALE,
-        results=[sd3_result, flux_result],
-        cpu_bench_model=cpu_model,
-    )
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=RESULTS)
-    args = parser.parse_args(argv)
-    data = run()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(data, f, indent=1)
-    for r in data["results"]:
-        print(r["model"], {k: round(v, 4) for k, v in r["ratios"].items()}, "excess", r["fused_excess_over_minimum"])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        _PATCHES[get_denoiser(pipe)].set_row_heads([headpag.HeadSet([(layer, 0)]) for layer in range(n_layers)])
+        counts["fused_batched"] = _count(sd3_call(pipe, n_layers))[0] / n_layers
+    finally:
+        headpag.disable(pipe)
+    counts["one_at_a_time"] = count_variant(pipe, sd3_call, 1, dict(kind="eager", heads=f"{n_layers // 2}:0"))[0]
+    counts["unguided"] = _count(sd3_call(pipe, 1))[0]
+    return {
+        "per_candidate_image_step_tflop": {k: v / 1e12 for k, v in counts.items()},
+        "one_at_a_time / fused_batched": counts["one_at_a_time"] / counts["fused_batched"],
+        "fused_batched / unguided": counts["fused_batched"] / counts["unguided"],
+        "note": f"{n_layers} candidates, one head in each layer; fused twins fork at their own layer; CFG off",
+    }
