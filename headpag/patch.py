@@ -28,7 +28,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 
 from .guidance import check_interval, check_scale, fold, guided_channels, in_interval, perturbation_delta, step_position
 from .heads import HeadSet
-from .kernels import perturbed_attention, reference_attention
+from .kernels import perturbed_attention_from_plan, reference_attention
 from .kernels.validation import IDENTITY, PLAIN, SOFT
 from .layers import LayerInfo, forward_units, get_denoiser, list_layers, model_class_name
 from .processors import PerturbedSDPA, RowCoefficients, check_default_processor
@@ -247,7 +247,7 @@ class _AttentionHook(ModelHook):
         forward = self.fn_ref.original_forward
         if call is None:
             return forward(*args, **kwargs)
-        attention = perturbed_attention if self.patch.fused else reference_attention
+        attention = perturbed_attention_from_plan if self.patch.fused else reference_attention
         with PerturbedSDPA(attention, call.coefficients_for(self.name), self.name):
             return forward(*args, **kwargs)
 

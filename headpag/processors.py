@@ -2,9 +2,11 @@
 
 A selected attention module keeps its own processor: projections, q/k norms (SD3.5), rotary embeddings (Flux)
 and output projections stay diffusers' code. Only its ``F.scaled_dot_product_attention`` call is routed, by a
-``TorchFunctionMode`` active while the module runs, to ``headpag.kernels.perturbed_attention`` (fused) or to the
-materialised-map ``reference_attention`` (eager), with a per-(row, head) coefficient ``u``. This is the same
-mechanism diffusers' own ``apply_layer_skip(skip_attention_scores=True)`` uses.
+``TorchFunctionMode`` active while the module runs, to ``headpag.kernels.perturbed_attention_from_plan`` (fused:
+``u`` and its plan are built together on the host once per call layout, so the kernel entry never reads ``u``
+back and never waits for the device) or to the materialised-map ``reference_attention`` (eager), with a per-(row,
+head) coefficient ``u``. This is the same mechanism diffusers' own ``apply_layer_skip(skip_attention_scores=True)``
+uses.
 
 Only the default processors are accepted on selected layers: their single SDPA call over ``(B, H, N, D)`` is
 the layer's whole attention. IP-Adapter, fused-QKV or user processors raise instead of being misread.
@@ -48,7 +50,8 @@ class RowCoefficients:
 
 class PerturbedSDPA(TorchFunctionMode):
     """Replaces ``F.scaled_dot_product_attention(q, k, v)`` of shape ``(B, H, N, D)`` by ``attention(q, k, v,
-    u, ...)`` while active. ``attention`` is ``perturbed_attention`` (fused) or ``reference_attention`` (eager)."""
+    u, ...)`` while active. ``attention`` is ``perturbed_attention_from_plan`` (fused) or ``reference_attention``
+    (eager)."""
 
     def __init__(self, attention: Callable, coefficients: RowCoefficients, layer: str):
         super().__init__()

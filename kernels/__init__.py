@@ -11,7 +11,7 @@ if __name__ != "headpag.kernels":
     __all__ = []
 else:
     from .flops import attention_flops
-    from .perturbed_attention import HAS_TRITON, perturbed_attention
+    from .perturbed_attention import HAS_TRITON, perturbed_attention, perturbed_attention_from_plan
     from .reference import reference_attention
     from .validation import IDENTITY, PLAIN, SOFT, plan_from_u
 
@@ -22,6 +22,7 @@ else:
         "SOFT",
         "attention_flops",
         "perturbed_attention",
+        "perturbed_attention_from_plan",
         "plan_from_u",
         "reference_attention",
     ]

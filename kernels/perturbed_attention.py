@@ -17,7 +17,8 @@ from .validation import (
     check_mode,
     check_qkv,
     check_scale,
-    normalize_u,
+    plan_codes,
+    prepare_u,
     resolve_plan_codes,
 )
 
@@ -107,8 +108,44 @@ def perturbed_attention(
     check_mode(mode, n_text, text_first, shape.N)
     scale = check_scale(scale, shape.D)
     backend = resolve_backend(backend, q)
-    u_t = normalize_u(u, shape.B, shape.H, q.device)
-    plan_list = resolve_plan_codes(u_t, plan)
+    u_t, u_host = prepare_u(u, shape.B, shape.H, q.device)
+    plan_list = resolve_plan_codes(u_t if u_host is None or u_t.device.type == "meta" else u_host, plan)
     return torch.ops.headpag.perturbed_attention(
         q, k, v, u_t, plan_list, layout, mode, n_text, text_first, scale, backend
+    )
+
+
+def perturbed_attention_from_plan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    *,
+    plan,
+    layout: str = "bhnd",
+    mode: str = "joint",
+    n_text: int = 0,
+    text_first: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`perturbed_attention` for callers that built ``u`` and ``plan`` together from checked values
+    (headpag's processors): ``u`` is never read, so a call never waits for the device.
+
+    ``u`` must be a float32 ``(B, H)`` tensor on q's device and ``plan`` its codes (a Python int or nested
+    lists of ints broadcastable to ``(B, H)``); shapes, dtype, device and codes are checked (host metadata only),
+    the agreement of ``plan`` with ``u``'s values is the caller's promise.
+    """
+    shape = check_qkv(q, k, v, layout)
+    check_mode(mode, n_text, text_first, shape.N)
+    scale = check_scale(scale, shape.D)
+    backend = resolve_backend(backend, q)
+    if not isinstance(u, torch.Tensor) or u.dtype != torch.float32 or tuple(u.shape) != (shape.B, shape.H) or u.device != q.device:
+        got = f"{tuple(u.shape)} {u.dtype} on {u.device}" if isinstance(u, torch.Tensor) else repr(u)
+        raise ValueError(f"u must be a float32 (B, H) = ({shape.B}, {shape.H}) tensor on {q.device}, got {got}")
+    if plan is None:
+        raise ValueError("plan is required: perturbed_attention_from_plan never reads u (use perturbed_attention)")
+    codes = plan_codes(plan, shape.B, shape.H)
+    return torch.ops.headpag.perturbed_attention(
+        q, k, v, u.contiguous(), codes, layout, mode, n_text, text_first, scale, backend
     )

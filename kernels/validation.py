@@ -117,11 +117,14 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def normalize_u(u: UType, B: int, H: int, device: torch.device) -> torch.Tensor:
-    """Returns ``u`` as a contiguous float32 ``(B, H)`` tensor on ``device``.
+def prepare_u(u: UType, B: int, H: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Checks ``u`` and returns ``(u on device, u on the host)``: a contiguous float32 ``(B, H)`` tensor on
+    ``device`` and a float64 ``(B, H)`` CPU copy to read (``None`` on the meta device).
 
     ``u`` may be a scalar, an ``(H,)`` or ``(B, H)`` tensor or nested sequence (anything broadcastable to
     ``(B, H)``). Values must lie in [0, 1]; NaN is rejected. On the meta device the values are not checked.
+    Device synchronisation: a ``u`` on an accelerator is read once (one copy to the host); host-side ``u`` reaches
+    an accelerator by a fill (a scalar) or a non-blocking copy from pinned memory, neither of which waits for it.
     """
     if isinstance(u, bool):
         raise TypeError("u must be a number in [0, 1] or a tensor/sequence of them, got a bool")
@@ -138,13 +141,26 @@ def normalize_u(u: UType, B: int, H: int, device: torch.device) -> torch.Tensor:
         u_t = torch.broadcast_to(u_t, (B, H))
     except RuntimeError as err:
         raise ValueError(f"u must broadcast to (B, H) = ({B}, {H}), e.g. shape (), ({H},) or ({B}, {H}); got shape {tuple(u_t.shape)}") from err
+    device = torch.device(device)
+    host = None
     if u_t.device.type != "meta" and not torch.compiler.is_compiling():
-        if torch.isnan(u_t).any():
+        host = u_t.detach().to("cpu", torch.float64)
+        if torch.isnan(host).any():
             raise ValueError("u must be in [0, 1], got NaN")
-        lo, hi = float(u_t.min()), float(u_t.max())
+        lo, hi = float(host.min()), float(host.max())
         if lo < 0 or hi > 1:
             raise ValueError(f"u must be in [0, 1], got values in [{lo}, {hi}]")
-    return u_t.to(device=device, dtype=torch.float32).contiguous()
+    if u_t.device.type != "cpu" or device.type in ("cpu", "meta") or torch.compiler.is_compiling():
+        return u_t.to(device=device, dtype=torch.float32).contiguous(), host
+    if not isinstance(u, torch.Tensor) and host.dim() == 2 and bool((host == host[0, 0]).all()):
+        return torch.full((B, H), float(host[0, 0]), dtype=torch.float32, device=device), host
+    staged = u_t.to(torch.float32).contiguous().pin_memory()
+    return staged.to(device, non_blocking=True), host
+
+
+def normalize_u(u: UType, B: int, H: int, device: torch.device) -> torch.Tensor:
+    """Returns ``u`` as a contiguous float32 ``(B, H)`` tensor on ``device``, its values checked (``prepare_u``)."""
+    return prepare_u(u, B, H, device)[0]
 
 
 def plan_from_u(u: torch.Tensor) -> torch.Tensor:
@@ -222,8 +238,8 @@ def resolve_plan_codes(u_t: torch.Tensor, plan: PlanType | None) -> list[int]:
     """The plan of a call as a flat row-major list of ``B * H`` codes: the given one (checked against
     readable ``u``) or the one ``u`` implies.
 
-    A plan must be given when ``u`` lives on the meta device. Reading a CUDA ``u`` synchronises; callers on a
-    hot path pass host-side ``u`` or a plan. Under ``torch.compile`` pass the plan as Python ints: ``u`` is
+    A plan must be given when ``u`` lives on the meta device. Reading a CUDA ``u`` synchronises: pass the host
+    copy from ``prepare_u``. Under ``torch.compile`` pass the plan as Python ints: ``u`` is
     not read there (neither to derive the plan nor to check it).
     """
     B, H = u_t.shape
@@ -233,6 +249,7 @@ def resolve_plan_codes(u_t: torch.Tensor, plan: PlanType | None) -> list[int]:
         return plan_from_u(u_t).flatten().tolist()
     codes = plan_codes(plan, B, H)
     if u_t.device.type != "meta" and not torch.compiler.is_compiling():
+        u_t = u_t.detach().to("cpu")  # one read: what follows indexes the host copy
         implied = plan_from_u(u_t).flatten().tolist()
         if implied != codes:
             i = next(i for i, (a, c) in enumerate(zip(implied, codes)) if a != c)

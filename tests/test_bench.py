@@ -106,6 +106,14 @@ def test_guided_step_suite(tiny_step):
     assert 1 < f["fused-heads"] < f["fused-layers"] < f["eager-layers"] == f["diffusers-pag-layers"] == f["eager-heads"] == 1.5
 
 
+def test_guided_step_bf16_outputs_pass_the_half_precision_check():
+    """The GPU settings run in bf16: the same contenders in bf16 (CPU, torch path) agree within its tolerance."""
+    setting = guided_step.Setting("tiny-bf16", TINY_SD3, 8, 4, "cpu", torch.bfloat16, 1, 0, "tiny bf16")
+    diffs = guided_step.check_outputs(guided_step.outputs(guided_step.build(setting)), torch.bfloat16)
+    relative = {k: v for k, v in diffs.items() if k.endswith("_relative")}
+    assert len(relative) == len(guided_step.AGREE) and max(relative.values()) <= guided_step.RELATIVE_TOLERANCE[torch.bfloat16]
+
+
 def test_guided_step_checks_refuse_wrong_outputs():
     base = torch.zeros(1, 4, 2, 2)
     good = {name: base + (0 if name == "cfg" else 1.0) for name in guided_step.CONTENDERS}
@@ -117,6 +125,10 @@ def test_guided_step_checks_refuse_wrong_outputs():
         guided_step.check_outputs(dict(good, **{"fused-heads": base, "eager-heads": base}), torch.float32)
     with pytest.raises(AssertionError, match="paired copy"):
         guided_step.check_outputs(dict(good, ref=base + 1e-3), torch.float32)
+    half = {k: v.bfloat16() for k, v in good.items()}
+    assert guided_step.check_outputs(half, torch.bfloat16)["fused-heads_vs_eager-heads_relative"] == 0
+    with pytest.raises(AssertionError, match="fused-layers vs eager-layers: relative error"):
+        guided_step.check_outputs(dict(half, **{"eager-layers": (base + 1.1).bfloat16()}), torch.bfloat16)
 
 
 def test_setting_json_round_trip_and_cuda_skip():
@@ -216,3 +228,20 @@ def test_a_failing_section_is_reported_and_fails_the_command(tmp_path, monkeypat
     assert "gpu" in data and "error" not in data["gpu"]
     assert "**Section flops failed**: AssertionError: fused vs eager: mismatch" in (tmp_path / report.MARKDOWN_NAME).read_text()
     assert "old" in readme.read_text() and "failed sections: flops" in capsys.readouterr().out
+
+
+def test_a_failing_gpu_setting_keeps_the_rest_of_the_gpu_section(monkeypatch, tiny_step):
+    kernels = dict(device="cuda", gpu="Test GPU", threads=1, results=[], skipped_impls=[])
+    monkeypatch.setattr(report.kernel_sweep, "run", lambda device, rounds=None: kernels)
+
+    def run(name, rounds=None):
+        if name == "cuda-sd3-medium":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return tiny_step
+
+    monkeypatch.setattr(report.guided_step, "run", run)
+    section = report.gpu_section()
+    assert section["kernels"] is kernels and section["guided_step"]["cuda-small"] is tiny_step
+    assert section["guided_step"]["cuda-sd3-medium"] == dict(setting="cuda-sd3-medium", error="OutOfMemoryError: CUDA out of memory")
+    text = "\n".join(report.step_table(section["guided_step"]["cuda-sd3-medium"], "Guided step, cuda-sd3-medium"))
+    assert "**Failed**: OutOfMemoryError: CUDA out of memory" in text

@@ -5,7 +5,8 @@
 - CUDA (skipped without a GPU): B=1, H=24, N in (1024, 4096, 16384), D in (64, 128), fp16 and bf16; the Triton
   kernel (``backend="triton"``) against SDPA, and for joint identity (u=1) against ``v.clone()``.
 
-Cases (``u`` and the host plan it implies, passed explicitly as a hot path would): ``plain`` (u=0),
+Cases (``u`` as Python numbers and the host plan it implies, passed explicitly as a hot path would: neither makes
+the host wait for the device): ``plain`` (u=0),
 ``identity`` (u=1, joint mode: no attention at all), ``soft`` (SoftPAG u=0.5 on half the heads, 0 on the rest),
 ``image-identity`` (image mode, u=1, 77 text tokens after the image tokens: SD3's order). Each case's first impl is
 its baseline; the others report the ratio of their median to the baseline's median, measured in the same run.
