@@ -72,6 +72,13 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
     return backend
 
 
+def _check_call(q, k, v, layout, mode, n_text, text_first, scale, backend):
+    """Checks everything but ``u`` and ``plan``; returns (logical shape, softmax scale, resolved backend)."""
+    shape = check_qkv(q, k, v, layout)
+    check_mode(mode, n_text, text_first, shape.N)
+    return shape, check_scale(scale, shape.D), resolve_backend(backend, q)
+
+
 def perturbed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -104,10 +111,7 @@ def perturbed_attention(
     Returns:
         A tensor with q's layout, shape and dtype (contiguous).
     """
-    shape = check_qkv(q, k, v, layout)
-    check_mode(mode, n_text, text_first, shape.N)
-    scale = check_scale(scale, shape.D)
-    backend = resolve_backend(backend, q)
+    shape, scale, backend = _check_call(q, k, v, layout, mode, n_text, text_first, scale, backend)
     u_t, u_host = prepare_u(u, shape.B, shape.H, q.device)
     plan_list = resolve_plan_codes(u_t if u_host is None or u_t.device.type == "meta" else u_host, plan)
     return torch.ops.headpag.perturbed_attention(
@@ -136,10 +140,7 @@ def perturbed_attention_from_plan(
     lists of ints broadcastable to ``(B, H)``); shapes, dtype, device and codes are checked (host metadata only),
     the agreement of ``plan`` with ``u``'s values is the caller's promise.
     """
-    shape = check_qkv(q, k, v, layout)
-    check_mode(mode, n_text, text_first, shape.N)
-    scale = check_scale(scale, shape.D)
-    backend = resolve_backend(backend, q)
+    shape, scale, backend = _check_call(q, k, v, layout, mode, n_text, text_first, scale, backend)
     if not isinstance(u, torch.Tensor) or u.dtype != torch.float32 or tuple(u.shape) != (shape.B, shape.H) or u.device != q.device:
         got = f"{tuple(u.shape)} {u.dtype} on {u.device}" if isinstance(u, torch.Tensor) else repr(u)
         raise ValueError(f"u must be a float32 (B, H) = ({shape.B}, {shape.H}) tensor on {q.device}, got {got}")

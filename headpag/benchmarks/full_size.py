@@ -138,20 +138,6 @@ def unet_call(latent: int, n_text: int, sdxl: bool):
     return make
 
 
-def _unet_children(per_module: dict, root: str) -> dict:
-    out = {}
-    for name, flops in per_module.items():
-        parts = name.split(".")
-        if parts[0] != root or len(parts) < 2:
-            continue
-        if parts[1] in ("down_blocks", "up_blocks"):
-            if len(parts) == 3:
-                out[".".join(parts[1:])] = flops
-        elif len(parts) == 2:
-            out[parts[1]] = flops
-    return out
-
-
 def _unet_tokens(model, unit: str, latent: int) -> int:
     """Image tokens of the self-attention in ``unit`` (down block i works at latent / 2**i)."""
     n_down = len(model.down_blocks)
@@ -186,7 +172,7 @@ def analyse_unet(name: str, pipe, call, n_base: int, heads: str, latent: int) ->
     for key, spec in specs.items():
         total, modules = meta_flops.count_variant(pipe, call, n_base, spec)
         results[key] = total
-        per_module[key] = _unet_children(modules, root)
+        per_module[key] = meta_flops.children(modules, root, loops=("down_blocks", "up_blocks"))
     seconds = time.perf_counter() - t0
     cfg_total, cfg_children = results["cfg_only"], per_module["cfg_only"]
     per_row = {k: v / n_base for k, v in cfg_children.items()}

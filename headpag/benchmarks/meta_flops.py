@@ -60,14 +60,18 @@ def _count(fn) -> tuple[int, dict]:
     return counter.get_total_flops(), per_module
 
 
-def _children(per_module: dict, root: str) -> dict:
-    """FLOPs per direct child of the root (``pos_embed``...) and per forward-loop unit (``transformer_blocks.3``)."""
+TRANSFORMER_LOOPS = ("transformer_blocks", "single_transformer_blocks")
+
+
+def children(per_module: dict, root: str, loops: tuple[str, ...] = TRANSFORMER_LOOPS) -> dict:
+    """FLOPs per direct child of the root (``pos_embed``...) and per forward-loop unit (``transformer_blocks.3``;
+    ``loops`` names the module lists whose items are units)."""
     out = {}
     for name, flops in per_module.items():
         parts = name.split(".")
         if parts[0] != root or len(parts) < 2:
             continue
-        if parts[1] in ("transformer_blocks", "single_transformer_blocks"):
+        if parts[1] in loops:
             if len(parts) == 3:
                 out[".".join(parts[1:])] = flops
         elif len(parts) == 2:
@@ -233,7 +237,7 @@ def analyse(name: str, pipe, call, n_base: int, heads: str, n_tokens: int, with_
     for key, spec in specs.items():
         total, modules = count_variant(pipe, call, n_base, spec)
         results[key] = total
-        per_module[key] = _children(modules, root)
+        per_module[key] = children(modules, root)
     seconds = time.perf_counter() - t0
     cfg_total, cfg_children = results["cfg_only"], per_module["cfg_only"]
 
