@@ -94,7 +94,7 @@ class Setting:
 
 
 SETTINGS = {
-    "cpu": Setting("cpu", SMALL_SD3, 64, 32, "cpu", torch.float32, rounds=5, warmup=1,
+    "cpu": Setting("cpu", SMALL_SD3, 64, 32, "cpu", torch.float32, rounds=7, warmup=1,
                    label="CPU, torch path + batching (no GPU: perturbed_attention runs its torch path, not the kernel)"),
     "cuda-small": Setting("cuda-small", SMALL_SD3, 64, 32, "cuda", torch.bfloat16, rounds=20, warmup=3,
                           label="GPU, Triton kernel, the CPU setting's small SD3-shaped model in bf16"),
