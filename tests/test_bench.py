@@ -245,3 +245,24 @@ def test_a_failing_gpu_setting_keeps_the_rest_of_the_gpu_section(monkeypatch, ti
     assert section["guided_step"]["cuda-sd3-medium"] == dict(setting="cuda-sd3-medium", error="OutOfMemoryError: CUDA out of memory")
     text = "\n".join(report.step_table(section["guided_step"]["cuda-sd3-medium"], "Guided step, cuda-sd3-medium"))
     assert "**Failed**: OutOfMemoryError: CUDA out of memory" in text
+
+
+def test_flux_true_cfg_counts_a_cond_and_an_uncond_call():
+    """Flux with true CFG: CFG only is two 1-row calls; the twin row rides on the cond call only."""
+    from headpag.benchmarks import meta_flops
+
+    config = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
+                  axes_dims_rope=(4, 6, 6))
+    pipe = meta_flops.flux_pipe(config)
+    call = lambda p, rows: meta_flops.flux_true_cfg_call(p, rows, latent=8, n_text=8)  # noqa: E731
+    single = lambda p, rows: meta_flops.flux_call(p, rows, latent=8, n_text=8)  # noqa: E731
+    true_cfg = meta_flops.analyse("tiny flux", pipe, call, 2, "1:0,2:1", 16 + 8)
+    distilled = meta_flops.analyse("tiny flux", pipe, single, 1, "1:0,2:1", 16 + 8)
+    f, d = true_cfg["flops"], distilled["flops"]
+    assert f["cfg_only"] == 2 * d["cfg_only"]
+    assert f["eager"] - f["cfg_only"] == d["eager"] - d["cfg_only"] == d["cfg_only"]  # one extra full row
+    assert f["fused"] - f["cfg_only"] == d["fused"] - d["cfg_only"]  # the same twin, forked at the same unit
+    assert 1 <= true_cfg["ratios"]["fused/minimum"] <= 1.02 and f["fused"] < f["eager"]
+    with pytest.raises(ValueError, match="rows must be 1 or 2"):
+        meta_flops.flux_true_cfg_call(pipe, 3)

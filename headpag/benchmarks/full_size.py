@@ -206,17 +206,20 @@ def analyse_unet(name: str, pipe, call, n_base: int, heads: str, latent: int) ->
 # ---- the section --------------------------------------------------------------------------------------------
 
 def models():
-    """(name, pipe factory, call maker, denoiser attribute, CFG cases {label: guidance scale or None}, resolution,
-    joint attention tokens or ``None`` for UNets)."""
+    """(name, pipe factory, call maker, denoiser attribute, cases, resolution, joint attention tokens or ``None`` for
+    UNets). A case is ``{label: dict(n_base=base rows per step, guidance=the pipeline's guidance scale to set (CFG
+    on when > 1) or None, call=a call maker replacing the model's)}``."""
     mf = meta_flops
+    cfg = {"cfg_on": dict(n_base=2, guidance=7.0), "cfg_off": dict(n_base=1, guidance=1.0)}
+    flux = {"distilled": dict(n_base=1), "true_cfg": dict(n_base=2, call=mf.flux_true_cfg_call)}
     return [
-        ("SD3-medium", lambda: mf.sd3_pipe(mf.SD3_MEDIUM), mf.sd3_call, "transformer", {"cfg_on": 7.0, "cfg_off": 1.0},
+        ("SD3-medium", lambda: mf.sd3_pipe(mf.SD3_MEDIUM), mf.sd3_call, "transformer", cfg,
          "1024x1024, 4096 image + 333 text tokens", 4096 + mf.SD3_TEXT),
-        ("FLUX.1-dev", lambda: mf.flux_pipe(mf.FLUX_DEV), mf.flux_call, "transformer", {"distilled": None},
+        ("FLUX.1-dev", lambda: mf.flux_pipe(mf.FLUX_DEV), mf.flux_call, "transformer", flux,
          "1024x1024, 4096 image + 512 text tokens", 4096 + mf.FLUX_TEXT),
-        ("SD1.5", sd15_pipe, unet_call(SD15_LATENT, SD15_TEXT, sdxl=False), "unet", {"cfg_on": 7.0, "cfg_off": 1.0},
+        ("SD1.5", sd15_pipe, unet_call(SD15_LATENT, SD15_TEXT, sdxl=False), "unet", cfg,
          "512x512, 64x64 latents, 77 text tokens", None),
-        ("SDXL", sdxl_pipe, unet_call(SDXL_LATENT, SDXL_TEXT, sdxl=True), "unet", {"cfg_on": 7.0, "cfg_off": 1.0},
+        ("SDXL", sdxl_pipe, unet_call(SDXL_LATENT, SDXL_TEXT, sdxl=True), "unet", cfg,
          "1024x1024, 128x128 latents, 77 text tokens", None),
     ]
 
@@ -228,7 +231,7 @@ def run(quick: bool = False) -> dict:
 
     start = time.perf_counter()
     entries = []
-    for name, make_pipe, call, attr, cases, resolution, n_tokens in models():
+    for name, make_pipe, model_call, attr, cases, resolution, n_tokens in models():
         if quick and name not in QUICK:
             continue
         pipe = make_pipe()
@@ -237,10 +240,10 @@ def run(quick: bool = False) -> dict:
         sets = HEAD_SETS[name]
         for set_name in (QUICK[name] if quick else sets):
             heads = _expand(sets[set_name], layers)
-            for case, guidance in cases.items():
-                if guidance is not None:
-                    pipe._guidance_scale = guidance
-                n_base = 1 if guidance is None or guidance <= 1 else 2
+            for case, spec in cases.items():
+                if spec.get("guidance") is not None:
+                    pipe._guidance_scale = spec["guidance"]
+                n_base, call = spec["n_base"], spec.get("call", model_call)
                 plain, _ = meta_flops._count(call(pipe, 1))
                 if n_tokens is not None:
                     result = meta_flops.analyse(f"{name} {resolution}", pipe, call, n_base, heads, n_tokens)

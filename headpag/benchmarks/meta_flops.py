@@ -155,19 +155,36 @@ def sd3_call(pipe, rows: int, latent: int = LATENT, n_text: int = SD3_TEXT):
     )
 
 
-def flux_call(pipe, rows: int, latent: int = LATENT, n_text: int = FLUX_TEXT):
-    """One Flux denoiser call under ``cache_context("cond")`` as FluxPipeline makes it (meta inputs)."""
+def flux_call(pipe, rows: int, latent: int = LATENT, n_text: int = FLUX_TEXT, context: str = "cond"):
+    """One Flux denoiser call under ``cache_context(context)`` as FluxPipeline makes it (meta inputs)."""
     cfg = pipe.transformer.config
     n_img = (latent // 2) ** 2  # 2x2 packing of the latents
 
     def call():
-        with pipe.transformer.cache_context("cond"):
+        with pipe.transformer.cache_context(context):
             return pipe.transformer(
                 hidden_states=_meta(rows, n_img, cfg.in_channels), timestep=_meta(rows), guidance=_meta(rows),
                 pooled_projections=_meta(rows, cfg.pooled_projection_dim),
                 encoder_hidden_states=_meta(rows, n_text, cfg.joint_attention_dim),
                 txt_ids=_meta(n_text, 3), img_ids=_meta(n_img, 3), joint_attention_kwargs=None, return_dict=False,
             )
+
+    return call
+
+
+def flux_true_cfg_call(pipe, rows: int, latent: int = LATENT, n_text: int = FLUX_TEXT):
+    """FluxPipeline with true CFG (``true_cfg_scale > 1``): per step one cond call under ``cache_context("cond")``
+    and one uncond call under ``cache_context("uncond")``, one row each; ``rows`` counts both (2), or 1 for the
+    cond call alone."""
+    if rows == 1:
+        return flux_call(pipe, 1, latent, n_text)
+    if rows != 2:
+        raise ValueError(f"rows must be 1 or 2 for Flux true CFG (cond, uncond), got {rows}")
+    cond = flux_call(pipe, 1, latent, n_text)
+    uncond = flux_call(pipe, 1, latent, n_text, context="uncond")
+
+    def call():
+        return cond(), uncond()
 
     return call
 
