@@ -140,11 +140,14 @@ def test_setting_json_round_trip_and_cuda_skip():
 
 
 def test_markdown_puts_projection_next_to_measured_gpu_step(tiny_step):
-    gpu = dict(gpu="Test GPU", kernels=dict(device="cuda", results=[], skipped_impls=[]), guided_step={"tiny": tiny_step})
+    kernel = dict(group="cuda plain N=1024 D=64 float16", impl="triton", baseline="sdpa", device="cuda", median_ms=0.1,
+                  min_ms=0.09, max_ms=0.2, ratio_to_sdpa=1.1, tflop_per_s=150.0, peak_mem_over_inputs_mib=3.0)
+    gpu = dict(gpu="Test GPU", kernels=dict(device="cuda", results=[kernel], skipped_impls=[]), guided_step={"tiny": tiny_step})
     text = report.markdown(dict(date="2026-01-01T00:00:00+00:00", machine=dict(
         cpu_model="cpu", cpu_count=2, torch_threads=2, gpu="Test GPU", torch="t", triton="x", diffusers="d",
         load_average=[0.5]), headpag=dict(commit="abc"), seconds=1.0, gpu=gpu))
     assert "GPU: Test GPU." in text and "H100 ms (projection)" in text
+    assert "| cuda plain N=1024 D=64 float16 | triton | 0.100 | 0.090-0.200 | 1.10x sdpa | 150.0 TFLOP/s | 3 |" in text
     cfg_row = next(line for line in text.splitlines() if line.startswith("| cfg:"))
     projected = tiny_step["contenders"]["cfg"]["roofline_h100_projection"]["ms"]
     assert cfg_row.rstrip(" |").endswith(f"{projected:.1f}")

@@ -163,15 +163,17 @@ def step_table(result: dict, title: str) -> list[str]:
 def kernel_table(result: dict, title: str) -> list[str]:
     if "skipped" in result:
         return [f"### {title}", "", result["skipped"]]
-    lines = [f"### {title}", "", "| problem | impl | median ms | min-max ms | vs baseline | throughput |",
-             "|---|---|---:|---:|---:|---:|"]
+    with_memory = any("peak_mem_over_inputs_mib" in r for r in result["results"])
+    lines = [f"### {title}", "", "| problem | impl | median ms | min-max ms | vs baseline | throughput |"
+             + (" peak MiB over inputs |" if with_memory else ""), "|---|---|---:|---:|---:|---:|" + ("---:|" if with_memory else "")]
     for r in result["results"]:
         ratio = r.get(f"ratio_to_{r['baseline']}")
         throughput = (f"{r['gbyte_per_s']:.0f} GB/s" if "gbyte_per_s" in r else
                       f"{r['tflop_per_s'] * 1e3:.1f} GFLOP/s" if "tflop_per_s" in r and r["device"] == "cpu" else
                       f"{r['tflop_per_s']:.1f} TFLOP/s" if "tflop_per_s" in r else "")
         lines.append(f"| {r['group']} | {r['impl']} | {r['median_ms']:.3f} | {r['min_ms']:.3f}-{r['max_ms']:.3f} | "
-                     f"{_f(ratio, '.2f')}x {r['baseline']} | {throughput} |")
+                     f"{_f(ratio, '.2f')}x {r['baseline']} | {throughput} |"
+                     + (f" {_f(r.get('peak_mem_over_inputs_mib'), '.0f')} |" if with_memory else ""))
     for s in result.get("skipped_impls", []):
         lines.append(f"| {s['group']} | {s['impl']} | skipped: {s['why']} | | | |")
     return lines
