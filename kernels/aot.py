@@ -3,8 +3,9 @@
 Compiles every launch configuration of the fused kernel (``configs.py``) for sm_80 and sm_90, float16 and
 bfloat16, each head dim diffusers' models use and both modes with ``triton.compile`` and ``GPUTarget``, then
 reads the results: shared memory from triton's metadata, registers and spills from ``ptxas -v`` on the PTX,
-tensor-core instructions (HMMA / HGMMA) from ``nvdisasm`` on the cubin. Prints a table and exits non-zero
-if any config fails to compile, spills, or exceeds the target's shared memory.
+tensor-core instructions (HMMA / HGMMA) from ``nvdisasm`` on the cubin, and the asynchronous copies
+(``cp.async``) that show the key loop is software-pipelined. Prints a table and exits non-zero if any config
+fails to compile, spills, exceeds the target's shared memory or is not pipelined.
 
 Runs in worker processes without ``TRITON_INTERPRET`` (``triton.compile`` refuses interpreted functions).
 """
@@ -55,6 +56,7 @@ class Result:
     spill_loads: int = -1
     mma: int = -1
     mma_kind: str = ""
+    async_copies: int = -1
     seconds: float = 0.0
     error: str = ""
 
@@ -70,6 +72,8 @@ class Result:
             problems.append(f"shared memory {self.shared} > {SHARED_MEMORY_LIMIT[self.arch]}")
         if self.mma <= 0:
             problems.append("no tensor-core instructions")
+        if self.async_copies <= 0:
+            problems.append("key loop not software-pipelined (no cp.async in the PTX)")
         return problems
 
 
@@ -122,14 +126,20 @@ def _mma_count(cubin: bytes) -> tuple[int, str]:
     return (hgmma, "HGMMA") if hgmma else (hmma, "HMMA")
 
 
+def _async_copies(ptx: str) -> int:
+    """Asynchronous global-to-shared copies in the PTX: the loads the software pipeliner issues ahead."""
+    return len(re.findall(r"\bcp\.async\.(?:ca|cg|bulk)\b", ptx))
+
+
 def _signature(dtype: str, fn) -> dict[str, str]:
-    constexprs = {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "IMAGE_MODE", "INPUT_PRECISION", "COUNT_VISITS"}
+    constexprs = {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "IMAGE_MODE", "INPUT_PRECISION", "COUNT_VISITS",
+                  "STRIDE_MULTIPLE"}
     pointers = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "U": "*fp32", "VISITS": "*i32"}
     sig = {}
     for name in fn.arg_names:
         if name in pointers:
             sig[name] = pointers[name]
-        elif name in constexprs or name.endswith("_d") and name.startswith("stride_"):
+        elif name in constexprs:
             sig[name] = "constexpr"
         elif name == "qk_scale":
             sig[name] = "fp32"
@@ -144,6 +154,7 @@ def compile_one(job: Job) -> Result:
     from triton.backends.compiler import GPUTarget
 
     from .triton_kernel import _perturbed_attention_fwd as fn
+    from .triton_kernel import stride_multiple
 
     block_d = padded_head_dim(job.head_dim)
     result = Result(job.arch, job.dtype, job.mode, job.head_dim, block_d, str(job.config))
@@ -153,10 +164,10 @@ def compile_one(job: Job) -> Result:
         constexprs = {
             "HEAD_DIM": job.head_dim, "BLOCK_D": block_d, "BLOCK_M": job.config.BLOCK_M,
             "BLOCK_N": job.config.BLOCK_N, "IMAGE_MODE": job.mode == "image", "INPUT_PRECISION": "ieee",
-            "COUNT_VISITS": False,
-            **{name: 1 for name, kind in sig.items() if kind == "constexpr" and name.startswith("stride_")},
+            "COUNT_VISITS": False, "STRIDE_MULTIPLE": stride_multiple([job.head_dim]),
         }
-        # What the JIT infers for aligned pointers, and for strides when the head dim is a multiple of 16.
+        # What the JIT infers for aligned pointers, and for strides when the head dim is a multiple of 16; contiguous
+        # inputs have strides that are multiples of the head dim (STRIDE_MULTIPLE above).
         aligned = [n for n, kind in sig.items() if kind.startswith("*")]
         if job.head_dim % 16 == 0:
             aligned += [n for n, kind in sig.items() if n.startswith("stride_") and kind == "i32"]
@@ -170,6 +181,7 @@ def compile_one(job: Job) -> Result:
         result.shared = int(kernel.metadata.shared)
         result.registers, result.spill_stores, result.spill_loads = _ptxas_report(kernel.asm["ptx"])
         result.mma, result.mma_kind = _mma_count(kernel.asm["cubin"])
+        result.async_copies = _async_copies(kernel.asm["ptx"])
         result.ok = True
     except Exception as err:  # reported in the table; the exit status says it failed
         result.error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"[:200]
@@ -178,13 +190,13 @@ def compile_one(job: Job) -> Result:
 
 
 def format_table(results: list[Result]) -> str:
-    header = ("arch", "dtype", "mode", "D", "BLOCK_D", "config", "smem B", "regs", "spill st/ld", "MMA", "status")
+    header = ("arch", "dtype", "mode", "D", "BLOCK_D", "config", "smem B", "regs", "spill st/ld", "MMA", "cp.async", "status")
     rows = [header]
     for r in results:
         status = "ok" if not r.failures else "; ".join(r.failures)
         rows.append((
             f"sm_{r.arch}", r.dtype, r.mode, str(r.head_dim), str(r.block_d), r.config, str(r.shared),
-            str(r.registers), f"{r.spill_stores}/{r.spill_loads}", f"{r.mma} {r.mma_kind}", status,
+            str(r.registers), f"{r.spill_stores}/{r.spill_loads}", f"{r.mma} {r.mma_kind}", str(r.async_copies), status,
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
@@ -198,15 +210,16 @@ def format_summary(results: list[Result]) -> str:
     for r in results:
         groups.setdefault((r.arch, r.mode, r.block_d), []).append(r)
     lines = [
-        "| arch | mode | BLOCK_D | configs compiled (ok) | max regs | max spill B | max smem B | tensor cores |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arch | mode | BLOCK_D | configs compiled (ok) | max regs | max spill B | max smem B | tensor cores | pipelined |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (arch, mode, block_d), rs in sorted(groups.items()):
         ok = [r for r in rs if not r.failures]
         kinds = sorted({r.mma_kind for r in rs if r.mma_kind})
         lines.append(
             f"| sm_{arch} | {mode} | {block_d} | {len(rs)} ({len(ok)}) | {max(r.registers for r in rs)} | "
-            f"{max(r.spill_stores + r.spill_loads for r in rs)} | {max(r.shared for r in rs)} | {'/'.join(kinds)} |"
+            f"{max(r.spill_stores + r.spill_loads for r in rs)} | {max(r.shared for r in rs)} | {'/'.join(kinds)} | "
+            f"{sum(r.async_copies > 0 for r in rs)}/{len(rs)} |"
         )
     return "\n".join(lines)
 

@@ -35,13 +35,15 @@ INTERPRETER_CONFIG = KernelConfig(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stage
 C = KernelConfig
 
 # Chosen with `python -m headpag.kernels.aot`: every config here compiles without register spills on its arch
-# (triton 3.9 / ptxas 12.x). Joint mode keeps one fp32 accumulator of BLOCK_M x BLOCK_D; image mode keeps two
-# (full and perturbed softmax), hence its smaller tiles at large head dims.
+# (triton 3.9 / ptxas 12.x) with its key loop software-pipelined (two stages: the next K and V tiles load by
+# cp.async while the current ones are used). Joint mode keeps one fp32 accumulator of BLOCK_M x BLOCK_D; image mode
+# keeps two (full and perturbed softmax), hence its smaller tiles at large head dims.
 _SMALL_D_JOINT = (C(64, 64, 4, 2), C(128, 64, 8, 2), C(64, 64, 8, 2))
 _JOINT = {
-    80: {16: _SMALL_D_JOINT, 32: _SMALL_D_JOINT, 64: _SMALL_D_JOINT,
+    80: {16: (C(64, 64, 4, 2), C(128, 64, 8, 2)),  # M64-N64-w8 spills 4 bytes at head dim 16
+         32: _SMALL_D_JOINT, 64: _SMALL_D_JOINT,
          128: (C(64, 64, 8, 2), C(128, 64, 8, 2)),
-         256: (C(32, 32, 8, 2), C(16, 16, 4, 2), C(32, 16, 4, 2))},
+         256: (C(32, 32, 8, 2), C(16, 16, 4, 2))},  # M32-N16-w4 spills 8 bytes at head dim 160
     90: {16: _SMALL_D_JOINT, 32: _SMALL_D_JOINT, 64: _SMALL_D_JOINT,
          128: (C(64, 64, 8, 2),),  # M128-N64-w8 spills 4 bytes at head dims 72/80/96 on sm_90
          256: (C(32, 32, 8, 2), C(16, 16, 4, 2))},
@@ -49,12 +51,13 @@ _JOINT = {
 _SMALL_D_IMAGE_80 = (C(64, 64, 8, 2), C(128, 64, 8, 2), C(128, 32, 8, 2))
 _SMALL_D_IMAGE_90 = (C(64, 64, 8, 2), C(64, 64, 4, 2))
 _IMAGE = {
-    80: {16: _SMALL_D_IMAGE_80, 32: _SMALL_D_IMAGE_80, 64: _SMALL_D_IMAGE_80,
+    80: {16: _SMALL_D_IMAGE_80, 32: _SMALL_D_IMAGE_80,
+         64: (C(64, 64, 8, 2), C(128, 32, 8, 2)),  # M128-N64-w8 spills 96 bytes at head dim 40 (bf16)
          128: (C(32, 32, 8, 2), C(64, 32, 8, 2), C(64, 16, 8, 2), C(32, 16, 4, 2)),
-         256: (C(16, 16, 8, 2), C(16, 16, 4, 2), C(32, 16, 8, 2))},
+         256: (C(16, 16, 4, 2), C(32, 16, 8, 2))},  # M16-N16-w8 spills 20-30 bytes (bf16)
     90: {16: _SMALL_D_IMAGE_90, 32: _SMALL_D_IMAGE_90, 64: _SMALL_D_IMAGE_90,
          128: (C(32, 32, 8, 2),),
-         256: (C(16, 16, 8, 2), C(16, 16, 4, 2))},
+         256: (C(16, 16, 8, 2),)},  # M16-N16-w4 spills 8 bytes
 }
 
 

@@ -42,10 +42,10 @@ def _softmax_step(s, v, m, l, acc, INPUT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _attend_keys(
-    q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    q, k_base, v_base, stride_kn, stride_vn,
     lo, hi, N, text_lo, text_hi, qk_scale,
     m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, STRIDE_MULTIPLE: tl.constexpr,
     FULL: tl.constexpr, PERTURBED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Visits the key blocks ``[lo, hi)`` (``lo`` block-aligned), updating the full softmax (every key) and/or
@@ -58,8 +58,10 @@ def _attend_keys(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < N
-        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=dim_ok[:, None] & col_ok[None, :], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        kt = tl.load(k_base + tl.multiple_of(cols[None, :] * stride_kn, [STRIDE_MULTIPLE, STRIDE_MULTIPLE]) + offs_d[:, None],
+                     mask=dim_ok[:, None] & col_ok[None, :], other=0.0)
+        v = tl.load(v_base + tl.multiple_of(cols[:, None] * stride_vn, [STRIDE_MULTIPLE, STRIDE_MULTIPLE]) + offs_d[None, :],
+                     mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
         s = tl.where(col_ok[None, :], s, float("-inf"))
         if FULL:
@@ -75,10 +77,10 @@ def _attend_keys(
 @triton.jit
 def _perturbed_attention_fwd(
     Q, K, V, U, O, VISITS,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_on, stride_od,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
     stride_ub, stride_uh,
     H, N, text_lo, text_hi, qk_scale,
     HEAD_DIM: tl.constexpr,
@@ -88,6 +90,7 @@ def _perturbed_attention_fwd(
     IMAGE_MODE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     COUNT_VISITS: tl.constexpr,
+    STRIDE_MULTIPLE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -100,10 +103,10 @@ def _perturbed_attention_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     row_tile_ok = (offs_m < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
 
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=row_tile_ok, other=0.0)
+    q_base = Q + tl.multiple_of(b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, STRIDE_MULTIPLE)
+    k_base = K + tl.multiple_of(b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh, STRIDE_MULTIPLE)
+    v_base = V + tl.multiple_of(b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh, STRIDE_MULTIPLE)
+    q = tl.load(q_base + tl.multiple_of(offs_m[:, None] * stride_qn, [STRIDE_MULTIPLE, STRIDE_MULTIPLE]) + offs_d[None, :], mask=row_tile_ok, other=0.0)
 
     m_full = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_full = tl.zeros([BLOCK_M], tl.float32)
@@ -130,17 +133,17 @@ def _perturbed_attention_fwd(
         if u > 0.0:
             if need_full:
                 m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits = _attend_keys(
-                    q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, text_start, text_end, N,
+                    q, k_base, v_base, stride_kn, stride_vn, text_start, text_end, N,
                     text_lo, text_hi, qk_scale, m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits,
-                    HEAD_DIM, BLOCK_D, BLOCK_N, True, True, INPUT_PRECISION)
+                    HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, True, True, INPUT_PRECISION)
             else:
                 m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits = _attend_keys(
-                    q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, text_start, text_end, N,
+                    q, k_base, v_base, stride_kn, stride_vn, text_start, text_end, N,
                     text_lo, text_hi, qk_scale, m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits,
-                    HEAD_DIM, BLOCK_D, BLOCK_N, False, True, INPUT_PRECISION)
+                    HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, False, True, INPUT_PRECISION)
             # Fold each image query's own key into the perturbed softmax.
-            k_diag = tl.load(k_base + offs_m[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=row_tile_ok, other=0.0)
-            v_diag = tl.load(v_base + offs_m[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=row_tile_ok, other=0.0)
+            k_diag = tl.load(k_base + tl.multiple_of(offs_m[:, None] * stride_kn, [STRIDE_MULTIPLE, STRIDE_MULTIPLE]) + offs_d[None, :], mask=row_tile_ok, other=0.0)
+            v_diag = tl.load(v_base + tl.multiple_of(offs_m[:, None] * stride_vn, [STRIDE_MULTIPLE, STRIDE_MULTIPLE]) + offs_d[None, :], mask=row_tile_ok, other=0.0)
             s_diag = tl.sum(q.to(tl.float32) * k_diag.to(tl.float32), 1) * qk_scale
             m_new = tl.maximum(m_pert, s_diag)
             alpha = tl.exp2(m_pert - m_new)
@@ -149,18 +152,18 @@ def _perturbed_attention_fwd(
             acc_pert = acc_pert * alpha[:, None] + p_diag[:, None] * v_diag.to(tl.float32)
         else:
             m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits = _attend_keys(
-                q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, text_start, text_end, N,
+                q, k_base, v_base, stride_kn, stride_vn, text_start, text_end, N,
                 text_lo, text_hi, qk_scale, m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits,
-                HEAD_DIM, BLOCK_D, BLOCK_N, True, False, INPUT_PRECISION)
+                HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, True, False, INPUT_PRECISION)
         if need_full:
             m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits = _attend_keys(
-                q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, 0, text_start, N,
+                q, k_base, v_base, stride_kn, stride_vn, 0, text_start, N,
                 text_lo, text_hi, qk_scale, m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits,
-                HEAD_DIM, BLOCK_D, BLOCK_N, True, False, INPUT_PRECISION)
+                HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, True, False, INPUT_PRECISION)
             m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits = _attend_keys(
-                q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, text_end, N, N,
+                q, k_base, v_base, stride_kn, stride_vn, text_end, N, N,
                 text_lo, text_hi, qk_scale, m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits,
-                HEAD_DIM, BLOCK_D, BLOCK_N, True, False, INPUT_PRECISION)
+                HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, True, False, INPUT_PRECISION)
         attention = acc_full / tl.where(l_full == 0.0, 1.0, l_full)[:, None]
         perturbed = acc_pert / tl.where(l_pert == 0.0, 1.0, l_pert)[:, None]
         perturbed = tl.where(query_is_text[:, None], attention, perturbed)
@@ -170,18 +173,18 @@ def _perturbed_attention_fwd(
         if u == 1.0:
             hi = 0
         m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits = _attend_keys(
-            q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, 0, hi, N,
+            q, k_base, v_base, stride_kn, stride_vn, 0, hi, N,
             0, 0, qk_scale, m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits,
-            HEAD_DIM, BLOCK_D, BLOCK_N, True, False, INPUT_PRECISION)
+            HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, True, False, INPUT_PRECISION)
         attention = acc_full / tl.where(l_full == 0.0, 1.0, l_full)[:, None]
         # The identity term v at the query rows; not even loaded when u == 0.
         identity_dims = tl.where(u > 0.0, HEAD_DIM, 0)
-        v_diag = tl.load(v_base + offs_m[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        v_diag = tl.load(v_base + tl.multiple_of(offs_m[:, None] * stride_vn, [STRIDE_MULTIPLE, STRIDE_MULTIPLE]) + offs_d[None, :],
                          mask=(offs_m < N)[:, None] & (offs_d[None, :] < identity_dims), other=0.0)
         out = (1.0 - u) * attention + u * v_diag.to(tl.float32)
 
-    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty), mask=row_tile_ok)
+    o_base = O + tl.multiple_of(b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, STRIDE_MULTIPLE)
+    tl.store(o_base + tl.multiple_of(offs_m[:, None] * stride_on, [STRIDE_MULTIPLE, STRIDE_MULTIPLE]) + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_tile_ok)
     if COUNT_VISITS:
         tl.store(VISITS + pid_bh * tl.num_programs(0) + pid_m, visits)
 
@@ -210,9 +213,28 @@ def _autotuned_kernel(arch: int, block_d: int, mode: str):
     return _autotuned[key]
 
 
-def _strides_bhnd(t: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
+def _strides_bhn(t: torch.Tensor, layout: str) -> tuple[int, int, int]:
+    """Strides of the batch, head and token dims; the head dim (last in both layouts) has stride 1."""
     s = t.stride()
-    return s if layout == "bhnd" else (s[0], s[2], s[1], s[3])
+    return (s[0], s[1], s[2]) if layout == "bhnd" else (s[0], s[2], s[1])
+
+
+def unit_stride_head_dim(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last (head) dim has stride 1, else a contiguous copy. The kernel indexes the head
+    dim without a stride: a stride Triton cannot see is 1 would hide the contiguity its vectorised, pipelined
+    loads (cp.async) need."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def stride_multiple(strides) -> int:
+    """``STRIDE_MULTIPLE``: the largest of 16, 8 and 1 that divides every batch, head and token stride.
+
+    The kernel marks its row offsets as multiples of it (``tl.multiple_of``), so rows are known to start 16-byte
+    aligned (with 16-byte aligned pointers, which the JIT checks) also at head dims such as 40 or 72 that the JIT's
+    own divisible-by-16 specialisation of the strides misses: the vectorised, software-pipelined (cp.async) loads
+    need that. 16 keeps what that specialisation would have said; 1 is returned only where it says nothing."""
+    strides = list(strides)
+    return next(m for m in (16, 8, 1) if all(s % m == 0 for s in strides))
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -255,13 +277,16 @@ def triton_perturbed_attention(
         )
     B, H, N, D = logical_shape(q, layout)
     block_d = padded_head_dim(D)
+    q, k, v = (unit_stride_head_dim(t) for t in (q, k, v))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     text_lo, text_hi = text_span(N, n_text, text_first)
     image_mode = mode == "image"
 
-    common = dict(HEAD_DIM=D, BLOCK_D=block_d, IMAGE_MODE=image_mode, INPUT_PRECISION=input_precision(q.dtype))
+    strides = (*_strides_bhn(q, layout), *_strides_bhn(k, layout), *_strides_bhn(v, layout), *_strides_bhn(out, layout))
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d, IMAGE_MODE=image_mode, INPUT_PRECISION=input_precision(q.dtype),
+                  STRIDE_MULTIPLE=stride_multiple(strides))
     args = (
-        *_strides_bhnd(q, layout), *_strides_bhnd(k, layout), *_strides_bhnd(v, layout), *_strides_bhnd(out, layout),
+        *strides,
         u.stride(0), u.stride(1),
         H, N, text_lo, text_hi, scale * LOG2E,
     )

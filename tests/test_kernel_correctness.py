@@ -321,3 +321,17 @@ def test_tolerances_cover_every_supported_dtype():
     assert set(TOLERANCES) == set(DTYPES)
     for atol, rtol in TOLERANCES.values():
         assert 0 < atol < 0.05 and 0 < rtol < 0.05 and math.isfinite(atol)
+
+
+def test_launcher_stride_rules():
+    """The kernel indexes the head dim without a stride and marks row offsets as multiples of STRIDE_MULTIPLE."""
+    from headpag.kernels.triton_kernel import stride_multiple, unit_stride_head_dim
+
+    assert stride_multiple([19 * 64, 64, 4096]) == 16  # what the JIT's own specialisation would say
+    assert stride_multiple([24 * 40, 40, 8]) == 8  # head dim 40: rows still 16-byte aligned in fp16
+    assert stride_multiple([72, 9]) == 1
+    strided = torch.randn(2, 3, 5, 16)[..., ::2]
+    copied = unit_stride_head_dim(strided)
+    assert copied.stride(-1) == 1 and torch.equal(copied, strided)
+    packed = torch.randn(2, 5, 3, 3, 8).unbind(2)[0]  # a packed-qkv view: unit stride already, kept as is
+    assert unit_stride_head_dim(packed) is packed
