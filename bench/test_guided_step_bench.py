@@ -64,6 +64,6 @@ def test_guided_step(benchmark, prepared, setting_name, name):
     if benchmark.stats is None:  # --benchmark-disable
         return
     times = list(benchmark.stats.stats.data)
-    info.update(guided_step.record(name, setting, times, paired[-len(times):], state["flops"]), **state["memory"][name])
+    info.update(guided_step.record(name, times, paired[-len(times):], state["flops"]), **state["memory"][name])
     if setting.project_roofline and name in state["flops"]:
         info["roofline_h100_projection"] = roofline.project(state["flops"][name], state["parameters"])

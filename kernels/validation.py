@@ -152,7 +152,7 @@ def prepare_u(u: UType, B: int, H: int, device: torch.device) -> tuple[torch.Ten
             raise ValueError(f"u must be in [0, 1], got values in [{lo}, {hi}]")
     if u_t.device.type != "cpu" or device.type in ("cpu", "meta") or torch.compiler.is_compiling():
         return u_t.to(device=device, dtype=torch.float32).contiguous(), host
-    if not isinstance(u, torch.Tensor) and host.dim() == 2 and bool((host == host[0, 0]).all()):
+    if not isinstance(u, torch.Tensor) and bool((host == host[0, 0]).all()):
         return torch.full((B, H), float(host[0, 0]), dtype=torch.float32, device=device), host
     staged = u_t.to(torch.float32).contiguous().pin_memory()
     return staged.to(device, non_blocking=True), host

@@ -238,13 +238,13 @@ def run(quick: bool = False) -> dict:
         params = sum(p.numel() for p in getattr(pipe, attr).parameters())
         layers = list_layers(pipe)
         sets = HEAD_SETS[name]
+        plain, _ = meta_flops._count(model_call(pipe, 1))  # one row, no guidance: the same for every set and case
         for set_name in (QUICK[name] if quick else sets):
             heads = _expand(sets[set_name], layers)
             for case, spec in cases.items():
                 if spec.get("guidance") is not None:
                     pipe._guidance_scale = spec["guidance"]
                 n_base, call = spec["n_base"], spec.get("call", model_call)
-                plain, _ = meta_flops._count(call(pipe, 1))
                 if n_tokens is not None:
                     result = meta_flops.analyse(f"{name} {resolution}", pipe, call, n_base, heads, n_tokens)
                 else:

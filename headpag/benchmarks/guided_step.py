@@ -323,7 +323,7 @@ def peak_memory(pipes: Pipes, names=tuple(CONTENDERS)) -> dict:
 
 # ------------------------------------------------------------------------------------------------ the suite
 
-def record(name: str, setting: Setting, times: list[float], paired: list[float], flops: dict) -> dict:
+def record(name: str, times: list[float], paired: list[float], flops: dict) -> dict:
     """One contender's results from its timed rounds and the paired CFG rounds just before each."""
     spec = CONTENDERS[name]
     ratios = [t / c for t, c in zip(times, paired)]
@@ -368,7 +368,7 @@ def run(setting: Setting | str, rounds: int | None = None, warmup: int | None = 
     results = {}
     for name in CONTENDERS:
         times, paired = time_contender(name, pipes, rounds, warmup)
-        results[name] = dict(record(name, setting, times, paired, flops), **memory.get(name, {}))
+        results[name] = dict(record(name, times, paired, flops), **memory.get(name, {}))
     base = results["cfg"]["median_ms"]
     for r in results.values():
         r["ratio_of_medians_to_cfg"] = r["median_ms"] / base
