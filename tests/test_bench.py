@@ -269,3 +269,17 @@ def test_flux_true_cfg_counts_a_cond_and_an_uncond_call():
     assert 1 <= true_cfg["ratios"]["fused/minimum"] <= 1.02 and f["fused"] < f["eager"]
     with pytest.raises(ValueError, match="rows must be 1 or 2"):
         meta_flops.flux_true_cfg_call(pipe, 3)
+
+
+def test_suite_arguments_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="setting must be a Setting or one of cpu, cuda-small, cuda-sd3-medium"):
+        guided_step.run("gpu")
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
+        kernel_sweep.run("tpu")
+    with pytest.raises(ValueError, match="readme must be an existing Markdown file"):
+        report.main(out_dir=tmp_path, sections=("gpu",), readme=tmp_path / "missing.md")
+    unmarked = tmp_path / "README.md"
+    unmarked.write_text("no markers\n")
+    with pytest.raises(ValueError, match="must hold the lines"):
+        report.main(out_dir=tmp_path, sections=("gpu",), readme=unmarked)
+    assert not (tmp_path / report.JSON_NAME).exists()  # refused before anything ran

@@ -353,7 +353,10 @@ def run(setting: Setting | str, rounds: int | None = None, warmup: int | None = 
     """The whole suite on one setting: check outputs, count FLOPs, measure peak memory, then time every contender
     (``rounds`` / ``warmup`` default to the setting's). Returns a JSON-ready dict; ``{"skipped": why}`` when the
     setting cannot run here."""
-    setting = SETTINGS[setting] if isinstance(setting, str) else setting
+    if isinstance(setting, str):
+        if setting not in SETTINGS:
+            raise ValueError(f"setting must be a Setting or one of {', '.join(SETTINGS)}; got {setting!r}")
+        setting = SETTINGS[setting]
     if (why := available(setting)) is not None:
         return dict(setting=setting.name, skipped=why)
     rounds = setting.rounds if rounds is None else rounds

@@ -211,6 +211,8 @@ def timed(case: Case, impl: str, times: list[float], calls: int) -> dict:
 def run(device: str, cases: list[Case] | None = None, rounds: int | None = None) -> dict:
     """Every impl of every case on ``device`` ("cpu" or "cuda"), with ratios to each case's baseline measured in the
     same run; ``{"skipped": why}`` without the device."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     cases = (cpu_cases() if device == "cpu" else cuda_cases()) if cases is None else cases
     if device == "cuda" and not torch.cuda.is_available():
         return dict(device=device, skipped="skipped: no CUDA device (torch.cuda.is_available() is False)")

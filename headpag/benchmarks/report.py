@@ -210,20 +210,31 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def embed_in_readme(readme: str | os.PathLike, text: str) -> None:
-    """Replaces what lies between ``README_BEGIN`` and ``README_END`` in ``readme`` with ``text`` (headings two
-    levels deeper, to sit under a README's ``##`` section); raises ``ValueError`` when the markers are missing."""
+def check_readme(readme: str | os.PathLike) -> str:
+    """The text of ``readme``; raises ``ValueError`` unless it holds ``README_BEGIN`` and then ``README_END``."""
     path = Path(readme)
+    if not path.is_file():
+        raise ValueError(f"readme must be an existing Markdown file, got {str(path)!r}")
     content = path.read_text()
     begin, end = content.find(README_BEGIN), content.find(README_END)
     if begin < 0 or end < begin:
         raise ValueError(f"readme {path} must hold the lines {README_BEGIN!r} and then {README_END!r}")
+    return content
+
+
+def embed_in_readme(readme: str | os.PathLike, text: str) -> None:
+    """Replaces what lies between ``README_BEGIN`` and ``README_END`` in ``readme`` with ``text`` (headings two
+    levels deeper, to sit under a README's ``##`` section); raises ``ValueError`` when the markers are missing."""
+    content = check_readme(readme)
+    begin, end = content.find(README_BEGIN), content.find(README_END)
     body = "\n".join("##" + line if line.startswith("#") else line for line in text.strip().splitlines())
-    path.write_text(content[:begin + len(README_BEGIN)] + "\n" + body + "\n" + content[end:])
+    Path(readme).write_text(content[:begin + len(README_BEGIN)] + "\n" + body + "\n" + content[end:])
 
 
 def main(out_dir="bench/results", sections=SECTIONS, quick: bool = False, rounds: int | None = None,
          readme: str | None = None) -> int:
+    if readme is not None:
+        check_readme(readme)  # before minutes of measuring, not after
     report = run_report(out_dir=out_dir, sections=sections, quick=quick, rounds=rounds)
     text = markdown(report)
     print(text)
