@@ -29,8 +29,23 @@ LOG2E = 1.0 / math.log(2.0)
 
 
 @triton.jit
-def _softmax_step(s, v, m, l, acc, INPUT_PRECISION: tl.constexpr):
-    """One online-softmax update with base-2 scores ``s`` (BLOCK_M, BLOCK_N) against values ``v``."""
+def _pair_base(X, b, h, stride_b, stride_h, STRIDE_MULTIPLE: tl.constexpr):
+    """Pointer to token 0, head dim 0 of the (batch row ``b``, head ``h``) pair of tensor ``X`` (int64 offsets)."""
+    return X + tl.multiple_of(b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h, STRIDE_MULTIPLE)
+
+
+@triton.jit
+def _row_tile(base, rows, stride_n, offs_d, STRIDE_MULTIPLE: tl.constexpr):
+    """Pointers to the (len(rows), BLOCK_D) tile of tokens ``rows`` (stride ``stride_n``) and head dims ``offs_d``."""
+    return base + tl.multiple_of(rows[:, None] * stride_n, [STRIDE_MULTIPLE, STRIDE_MULTIPLE]) + offs_d[None, :]
+
+
+@triton.jit
+def _softmax_step(s, v, state, INPUT_PRECISION: tl.constexpr):
+    """One online-softmax update of ``state`` with base-2 scores ``s`` (BLOCK_M, BLOCK_N) against values ``v``
+    (BLOCK_N, BLOCK_D). A softmax state is ``(m, l, acc)``: per query row the running maximum score, the running
+    sum of exponentials and the (BLOCK_M, BLOCK_D) float32 accumulator of exponential-weighted values."""
+    m, l, acc = state
     m_new = tl.maximum(m, tl.max(s, 1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
     alpha = tl.exp2(m - m_ref)
@@ -42,14 +57,14 @@ def _softmax_step(s, v, m, l, acc, INPUT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _attend_keys(
-    q, k_base, v_base, stride_kn, stride_vn,
-    lo, hi, N, text_lo, text_hi, qk_scale,
-    m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits,
+    q, k_base, v_base, stride_kn, stride_vn, N, qk_scale, full, pert, visits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, STRIDE_MULTIPLE: tl.constexpr,
-    FULL: tl.constexpr, PERTURBED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    lo, hi, text_lo, text_hi, FULL: tl.constexpr, PERTURBED: tl.constexpr,
 ):
-    """Visits the key blocks ``[lo, hi)`` (``lo`` block-aligned), updating the full softmax (every key) and/or
-    the perturbed one (text keys only)."""
+    """Visits the key blocks ``[lo, hi)`` (``lo`` block-aligned). ``FULL`` updates the softmax state ``full`` (every
+    key: the map ``A``), ``PERTURBED`` the state ``pert`` (only the text keys ``[text_lo, text_hi)``: the image rows
+    of ``P``). Returns both states and ``visits`` plus the number of key blocks visited."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     # Padding lanes of the head dim need a mask only when the head dim is not a power of two.
@@ -60,20 +75,54 @@ def _attend_keys(
         col_ok = cols < N
         kt = tl.load(k_base + tl.multiple_of(cols[None, :] * stride_kn, [STRIDE_MULTIPLE, STRIDE_MULTIPLE]) + offs_d[:, None],
                      mask=dim_ok[:, None] & col_ok[None, :], other=0.0)
-        v = tl.load(v_base + tl.multiple_of(cols[:, None] * stride_vn, [STRIDE_MULTIPLE, STRIDE_MULTIPLE]) + offs_d[None, :],
-                     mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        v = tl.load(_row_tile(v_base, cols, stride_vn, offs_d, STRIDE_MULTIPLE), mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
         s = tl.where(col_ok[None, :], s, float("-inf"))
         if FULL:
-            m_full, l_full, acc_full = _softmax_step(s, v, m_full, l_full, acc_full, INPUT_PRECISION)
+            full = _softmax_step(s, v, full, INPUT_PRECISION)
         if PERTURBED:
             key_is_text = (cols >= text_lo) & (cols < text_hi)
             s2 = tl.where(key_is_text[None, :], s, float("-inf"))
-            m_pert, l_pert, acc_pert = _softmax_step(s2, v, m_pert, l_pert, acc_pert, INPUT_PRECISION)
+            pert = _softmax_step(s2, v, pert, INPUT_PRECISION)
         visits += 1
-    return m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits
+    return full, pert, visits
 
 
+@triton.jit
+def _add_own_key(state, q, k_own, v_own, qk_scale):
+    """``state`` with each query row's own key added (the diagonal entry of ``P``): ``k_own`` and ``v_own`` are the
+    (BLOCK_M, BLOCK_D) key and value tiles at the query rows."""
+    m, l, acc = state
+    s_own = tl.sum(q.to(tl.float32) * k_own.to(tl.float32), 1) * qk_scale
+    m_new = tl.maximum(m, s_own)
+    alpha = tl.exp2(m - m_new)
+    p_own = tl.exp2(s_own - m_new)
+    return m_new, l * alpha + p_own, acc * alpha[:, None] + p_own[:, None] * v_own.to(tl.float32)
+
+
+@triton.jit
+def _normalized(state):
+    """The rows of a softmax state's accumulator divided by their sums (rows that saw no key stay 0)."""
+    m, l, acc = state
+    return acc / tl.where(l == 0.0, 1.0, l)[:, None]
+
+
+# The key blocks each program visits. A program owns BLOCK_M query rows of one (batch row, head) pair and that
+# pair's u. In image mode "text" are the key blocks [text_start, text_end) that hold text tokens (none when
+# n_text == 0) and "image-only" the blocks [0, text_start) and [text_end, N). FULL: the softmax over every key
+# (the map A); PERTURBED: the softmax over the text keys, to which each image query's own key is added after the
+# loops (the image rows of P; text rows of P equal A).
+#
+#   mode   u           query rows of the block   key blocks visited: softmaxes updated        after the loops
+#   joint  u == 0      any                       [0, N): FULL                                 out = A v (v not loaded)
+#   joint  0 < u < 1   any                       [0, N): FULL                                 out = (1-u) A v + u v
+#   joint  u == 1      any                       none (hi = 0)                                out = v
+#   image  u == 0      any                       text: FULL; image-only: FULL                 out = A v
+#   image  0 < u < 1   any                       text: FULL + PERTURBED; image-only: FULL     own key into PERTURBED
+#   image  u == 1      some text rows            text: FULL + PERTURBED; image-only: FULL     own key into PERTURBED
+#   image  u == 1      image rows only           text: PERTURBED; image-only: none            own key into PERTURBED
+#
+# Image mode then writes (1-u) A v + u P v per row, with P v = A v on text rows.
 @triton.jit
 def _perturbed_attention_fwd(
     Q, K, V, U, O, VISITS,
@@ -103,23 +152,18 @@ def _perturbed_attention_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     row_tile_ok = (offs_m < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
 
-    q_base = Q + tl.multiple_of(b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, STRIDE_MULTIPLE)
-    k_base = K + tl.multiple_of(b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh, STRIDE_MULTIPLE)
-    v_base = V + tl.multiple_of(b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh, STRIDE_MULTIPLE)
-    q = tl.load(q_base + tl.multiple_of(offs_m[:, None] * stride_qn, [STRIDE_MULTIPLE, STRIDE_MULTIPLE]) + offs_d[None, :], mask=row_tile_ok, other=0.0)
+    q_base = _pair_base(Q, b, h, stride_qb, stride_qh, STRIDE_MULTIPLE)
+    k_base = _pair_base(K, b, h, stride_kb, stride_kh, STRIDE_MULTIPLE)
+    v_base = _pair_base(V, b, h, stride_vb, stride_vh, STRIDE_MULTIPLE)
+    q = tl.load(_row_tile(q_base, offs_m, stride_qn, offs_d, STRIDE_MULTIPLE), mask=row_tile_ok, other=0.0)
 
-    m_full = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_full = tl.zeros([BLOCK_M], tl.float32)
-    acc_full = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    m_pert = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_pert = tl.zeros([BLOCK_M], tl.float32)
-    acc_pert = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Softmax states (m, l, acc) (see _softmax_step): full over every key (A), pert over the keys P lets an image
+    # query see (text keys, then its own key).
+    full = (tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32), tl.zeros([BLOCK_M, BLOCK_D], tl.float32))
+    pert = (tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32), tl.zeros([BLOCK_M, BLOCK_D], tl.float32))
     visits = 0
 
     if IMAGE_MODE:
-        # Key blocks split into the text blocks [text_start, text_end) and image-only blocks around them.
-        # Rows of P: text queries keep A; image queries see the text keys in the text blocks and their own
-        # key, folded in after the loops. A block of image rows with u == 1 visits the text blocks only.
         text_start = (text_lo // BLOCK_N) * BLOCK_N
         text_end = tl.minimum(tl.cdiv(text_hi, BLOCK_N) * BLOCK_N, N)
         if text_lo == text_hi:
@@ -132,59 +176,52 @@ def _perturbed_attention_fwd(
         need_full = (u < 1.0) | block_has_text_rows
         if u > 0.0:
             if need_full:
-                m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits = _attend_keys(
-                    q, k_base, v_base, stride_kn, stride_vn, text_start, text_end, N,
-                    text_lo, text_hi, qk_scale, m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits,
-                    HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, True, True, INPUT_PRECISION)
+                full, pert, visits = _attend_keys(
+                    q, k_base, v_base, stride_kn, stride_vn, N, qk_scale, full, pert, visits,
+                    HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, INPUT_PRECISION,
+                    lo=text_start, hi=text_end, text_lo=text_lo, text_hi=text_hi, FULL=True, PERTURBED=True)
             else:
-                m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits = _attend_keys(
-                    q, k_base, v_base, stride_kn, stride_vn, text_start, text_end, N,
-                    text_lo, text_hi, qk_scale, m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits,
-                    HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, False, True, INPUT_PRECISION)
-            # Fold each image query's own key into the perturbed softmax.
-            k_diag = tl.load(k_base + tl.multiple_of(offs_m[:, None] * stride_kn, [STRIDE_MULTIPLE, STRIDE_MULTIPLE]) + offs_d[None, :], mask=row_tile_ok, other=0.0)
-            v_diag = tl.load(v_base + tl.multiple_of(offs_m[:, None] * stride_vn, [STRIDE_MULTIPLE, STRIDE_MULTIPLE]) + offs_d[None, :], mask=row_tile_ok, other=0.0)
-            s_diag = tl.sum(q.to(tl.float32) * k_diag.to(tl.float32), 1) * qk_scale
-            m_new = tl.maximum(m_pert, s_diag)
-            alpha = tl.exp2(m_pert - m_new)
-            p_diag = tl.exp2(s_diag - m_new)
-            l_pert = l_pert * alpha + p_diag
-            acc_pert = acc_pert * alpha[:, None] + p_diag[:, None] * v_diag.to(tl.float32)
+                full, pert, visits = _attend_keys(
+                    q, k_base, v_base, stride_kn, stride_vn, N, qk_scale, full, pert, visits,
+                    HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, INPUT_PRECISION,
+                    lo=text_start, hi=text_end, text_lo=text_lo, text_hi=text_hi, FULL=False, PERTURBED=True)
+            k_own = tl.load(_row_tile(k_base, offs_m, stride_kn, offs_d, STRIDE_MULTIPLE), mask=row_tile_ok, other=0.0)
+            v_own = tl.load(_row_tile(v_base, offs_m, stride_vn, offs_d, STRIDE_MULTIPLE), mask=row_tile_ok, other=0.0)
+            pert = _add_own_key(pert, q, k_own, v_own, qk_scale)
         else:
-            m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits = _attend_keys(
-                q, k_base, v_base, stride_kn, stride_vn, text_start, text_end, N,
-                text_lo, text_hi, qk_scale, m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits,
-                HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, True, False, INPUT_PRECISION)
+            full, pert, visits = _attend_keys(
+                q, k_base, v_base, stride_kn, stride_vn, N, qk_scale, full, pert, visits,
+                HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, INPUT_PRECISION,
+                lo=text_start, hi=text_end, text_lo=text_lo, text_hi=text_hi, FULL=True, PERTURBED=False)
         if need_full:
-            m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits = _attend_keys(
-                q, k_base, v_base, stride_kn, stride_vn, 0, text_start, N,
-                text_lo, text_hi, qk_scale, m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits,
-                HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, True, False, INPUT_PRECISION)
-            m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits = _attend_keys(
-                q, k_base, v_base, stride_kn, stride_vn, text_end, N, N,
-                text_lo, text_hi, qk_scale, m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits,
-                HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, True, False, INPUT_PRECISION)
-        attention = acc_full / tl.where(l_full == 0.0, 1.0, l_full)[:, None]
-        perturbed = acc_pert / tl.where(l_pert == 0.0, 1.0, l_pert)[:, None]
-        perturbed = tl.where(query_is_text[:, None], attention, perturbed)
+            full, pert, visits = _attend_keys(
+                q, k_base, v_base, stride_kn, stride_vn, N, qk_scale, full, pert, visits,
+                HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, INPUT_PRECISION,
+                lo=0, hi=text_start, text_lo=text_lo, text_hi=text_hi, FULL=True, PERTURBED=False)
+            full, pert, visits = _attend_keys(
+                q, k_base, v_base, stride_kn, stride_vn, N, qk_scale, full, pert, visits,
+                HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, INPUT_PRECISION,
+                lo=text_end, hi=N, text_lo=text_lo, text_hi=text_hi, FULL=True, PERTURBED=False)
+        attention = _normalized(full)
+        perturbed = tl.where(query_is_text[:, None], attention, _normalized(pert))
         out = (1.0 - u) * attention + u * perturbed
     else:
         hi = N
         if u == 1.0:
             hi = 0
-        m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits = _attend_keys(
-            q, k_base, v_base, stride_kn, stride_vn, 0, hi, N,
-            0, 0, qk_scale, m_full, l_full, acc_full, m_pert, l_pert, acc_pert, visits,
-            HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, True, False, INPUT_PRECISION)
-        attention = acc_full / tl.where(l_full == 0.0, 1.0, l_full)[:, None]
+        full, pert, visits = _attend_keys(
+            q, k_base, v_base, stride_kn, stride_vn, N, qk_scale, full, pert, visits,
+            HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, INPUT_PRECISION,
+            lo=0, hi=hi, text_lo=0, text_hi=0, FULL=True, PERTURBED=False)
+        attention = _normalized(full)
         # The identity term v at the query rows; not even loaded when u == 0.
         identity_dims = tl.where(u > 0.0, HEAD_DIM, 0)
-        v_diag = tl.load(v_base + tl.multiple_of(offs_m[:, None] * stride_vn, [STRIDE_MULTIPLE, STRIDE_MULTIPLE]) + offs_d[None, :],
-                         mask=(offs_m < N)[:, None] & (offs_d[None, :] < identity_dims), other=0.0)
-        out = (1.0 - u) * attention + u * v_diag.to(tl.float32)
+        v_own = tl.load(_row_tile(v_base, offs_m, stride_vn, offs_d, STRIDE_MULTIPLE),
+                        mask=(offs_m < N)[:, None] & (offs_d[None, :] < identity_dims), other=0.0)
+        out = (1.0 - u) * attention + u * v_own.to(tl.float32)
 
-    o_base = O + tl.multiple_of(b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, STRIDE_MULTIPLE)
-    tl.store(o_base + tl.multiple_of(offs_m[:, None] * stride_on, [STRIDE_MULTIPLE, STRIDE_MULTIPLE]) + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_tile_ok)
+    o_base = _pair_base(O, b, h, stride_ob, stride_oh, STRIDE_MULTIPLE)
+    tl.store(_row_tile(o_base, offs_m, stride_on, offs_d, STRIDE_MULTIPLE), out.to(O.dtype.element_ty), mask=row_tile_ok)
     if COUNT_VISITS:
         tl.store(VISITS + pid_bh * tl.num_programs(0) + pid_m, visits)
 
