@@ -25,9 +25,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
 from .configs import ARCHS, COMPILED_HEAD_DIMS, KernelConfig, configs_for, padded_head_dim
+from .constants import MODES
 
-DTYPES = ("fp16", "bf16")
-MODES = ("joint", "image")
+COMPILED_DTYPES = ("fp16", "bf16")  # triton's names of the element types compiled (validation.DTYPES: torch's)
 # Largest dynamic shared memory one block may use (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 
@@ -77,7 +77,7 @@ class Result:
         return problems
 
 
-def all_jobs(archs=ARCHS, dtypes=DTYPES, modes=MODES, head_dims=COMPILED_HEAD_DIMS) -> list[Job]:
+def all_jobs(archs=ARCHS, dtypes=COMPILED_DTYPES, modes=MODES, head_dims=COMPILED_HEAD_DIMS) -> list[Job]:
     return [
         Job(arch, dtype, mode, head_dim, config)
         for arch in archs
@@ -239,7 +239,7 @@ def run(jobs: list[Job], workers: int) -> list[Result]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m headpag.kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS, help="compute capabilities")
-    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--dtype", nargs="+", default=list(COMPILED_DTYPES), choices=COMPILED_DTYPES)
     parser.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--head-dim", type=int, nargs="+", default=list(COMPILED_HEAD_DIMS), help="head dims to compile")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel compile processes")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .constants import MODES
+
 ARCHS = (80, 90)
 PADDED_HEAD_DIMS = (16, 32, 64, 128, 256)
 MAX_HEAD_DIM = PADDED_HEAD_DIMS[-1]
@@ -71,8 +73,8 @@ def padded_head_dim(D: int) -> int:
 def configs_for(arch: int, block_d: int, mode: str) -> tuple[KernelConfig, ...]:
     """Autotuning candidates for compute capability ``arch`` (e.g. 80 Ampere, 86/89 use the sm_80 table, 90
     and newer the sm_90 one)."""
-    if mode not in ("joint", "image"):
-        raise ValueError(f"mode must be 'joint' or 'image', got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     tables = _IMAGE if mode == "image" else _JOINT
     table = tables[max(a for a in ARCHS if a <= arch) if arch >= ARCHS[0] else ARCHS[0]]
     if block_d not in table:

@@ -1,15 +1,16 @@
 """Algorithmic FLOPs of ``perturbed_attention``: the matrix products each backend actually performs.
 
 Counted like torch's own SDPA formula: ``2 * m * n * k`` per matrix product, softmax and element-wise
-blending not counted, tile padding not counted. Pure arithmetic on the host-side plan, so it serves the
-custom op's FLOP formula on the meta device and the benchmarks' theoretical minimum alike.
+blending not counted, tile padding not counted. Pure arithmetic on the host-side codes (PLAIN / SOFT / IDENTITY
+per (row, head)), so it serves the custom op's FLOP formula on the meta device and the benchmarks' theoretical
+minimum alike.
 """
 
 from __future__ import annotations
 
 from typing import Iterable
 
-from .validation import IDENTITY, PLAIN, SOFT
+from .constants import IDENTITY, PLAIN, SOFT
 
 
 def pair_flops(code: int, N: int, D: int, mode: str, n_text: int, backend: str) -> int:
@@ -27,9 +28,9 @@ def pair_flops(code: int, N: int, D: int, mode: str, n_text: int, backend: str) 
     return full + (perturbed_rows // 2 if backend == "triton" else perturbed_rows)
 
 
-def attention_flops(plan: Iterable[int], N: int, D: int, mode: str, n_text: int, backend: str) -> int:
-    """Total FLOPs of one call whose flattened plan is ``plan``."""
+def attention_flops(codes: Iterable[int], N: int, D: int, mode: str, n_text: int, backend: str) -> int:
+    """Total FLOPs of one call whose flattened codes (one per (row, head)) are ``codes``."""
     counts = {PLAIN: 0, SOFT: 0, IDENTITY: 0}
-    for code in plan:
+    for code in codes:
         counts[int(code)] += 1
     return sum(n * pair_flops(code, N, D, mode, n_text, backend) for code, n in counts.items())

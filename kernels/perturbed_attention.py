@@ -1,8 +1,8 @@
 """Public entry point ``perturbed_attention``: validation, backend choice, custom-op registration, FLOPs.
 
 The op ``torch.ops.headpag.perturbed_attention`` is registered with a fake implementation (output shaped
-like q) and a FLOP formula driven by the host-side plan, so ``torch.compile`` traces it without graph breaks
-and ``FlopCounterMode`` on the meta device sees its cost.
+like q) and a FLOP formula driven by the host-side codes (PLAIN / SOFT / IDENTITY per (row, head)), so
+``torch.compile`` traces it without graph breaks and ``FlopCounterMode`` on the meta device sees its cost.
 """
 
 from __future__ import annotations
@@ -12,15 +12,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .flops import attention_flops
 from .torch_path import torch_perturbed_attention
-from .validation import (
-    check_backend,
-    check_mode,
-    check_qkv,
-    check_scale,
-    plan_codes,
-    prepare_u,
-    resolve_plan_codes,
-)
+from .validation import check_backend, check_call, given_codes, prepare_u, resolve_codes
 
 try:
     from . import triton_kernel
@@ -36,7 +28,7 @@ def _perturbed_attention_op(
     k: torch.Tensor,
     v: torch.Tensor,
     u: torch.Tensor,
-    plan: list[int],
+    codes: list[int],
     layout: str,
     mode: str,
     n_text: int,
@@ -47,19 +39,19 @@ def _perturbed_attention_op(
     kwargs = dict(layout=layout, mode=mode, n_text=n_text, text_first=text_first, scale=scale)
     if backend == "triton":
         return triton_kernel.triton_perturbed_attention(q, k, v, u, **kwargs)
-    plan_t = torch.tensor(plan, dtype=torch.int8).view(u.shape)
-    return torch_perturbed_attention(q, k, v, u, plan_t, **kwargs)
+    codes_t = torch.tensor(codes, dtype=torch.int8).view(u.shape)
+    return torch_perturbed_attention(q, k, v, u, codes_t, **kwargs)
 
 
 @_perturbed_attention_op.register_fake
-def _perturbed_attention_fake(q, k, v, u, plan, layout, mode, n_text, text_first, scale, backend):
+def _perturbed_attention_fake(q, k, v, u, codes, layout, mode, n_text, text_first, scale, backend):
     return q.new_empty(q.shape)
 
 
 @register_flop_formula(torch.ops.headpag.perturbed_attention)
-def _perturbed_attention_flops(q_shape, k_shape, v_shape, u_shape, plan, layout, mode, n_text, text_first, scale, backend, *args, out_shape=None, **kwargs) -> int:
+def _perturbed_attention_flops(q_shape, k_shape, v_shape, u_shape, codes, layout, mode, n_text, text_first, scale, backend, *args, out_shape=None, **kwargs) -> int:
     N, D = (q_shape[2], q_shape[3]) if layout == "bhnd" else (q_shape[1], q_shape[3])
-    return attention_flops(plan, N, D, mode, n_text, backend)
+    return attention_flops(codes, N, D, mode, n_text, backend)
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
@@ -74,26 +66,16 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
 
 def _check_call(q, k, v, layout, mode, n_text, text_first, scale, backend):
     """Checks everything but ``u`` and ``plan``; returns (logical shape, softmax scale, resolved backend)."""
-    shape = check_qkv(q, k, v, layout)
-    check_mode(mode, n_text, text_first, shape.N)
-    return shape, check_scale(scale, shape.D), resolve_backend(backend, q)
+    return (*check_call(q, k, v, layout, mode, n_text, text_first, scale), resolve_backend(backend, q))
 
 
 def perturbed_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    u,
-    *,
-    layout: str = "bhnd",
-    mode: str = "joint",
-    n_text: int = 0,
-    text_first: bool = False,
-    scale: float | None = None,
-    backend: str = "auto",
-    plan=None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u, *,
+    layout: str = "bhnd", mode: str = "joint", n_text: int = 0, text_first: bool = False, scale: float | None = None,
+    backend: str = "auto", plan=None,
 ) -> torch.Tensor:
-    """Attention whose map, per (batch row, head), is ``(1 - u) * A + u * P`` (DESIGN.md, Semantics).
+    """Attention whose map, per (batch row, head), is ``(1 - u) * A + u * P``: ``A`` the softmax attention map
+    ``softmax(scale * q k^T)``, ``P`` the perturbed map of ``mode`` (below), ``u`` that pair's coefficient.
 
     Args:
         q, k, v: ``(B, H, N, D)`` for ``layout="bhnd"``, ``(B, N, H, D)`` for ``layout="bnhd"``; any strides.
@@ -113,28 +95,19 @@ def perturbed_attention(
     """
     shape, scale, backend = _check_call(q, k, v, layout, mode, n_text, text_first, scale, backend)
     u_t, u_host = prepare_u(u, shape.B, shape.H, q.device)
-    plan_list = resolve_plan_codes(u_t if u_host is None or u_t.device.type == "meta" else u_host, plan)
+    codes = resolve_codes(u_t, plan, u_host)
     return torch.ops.headpag.perturbed_attention(
-        q, k, v, u_t, plan_list, layout, mode, n_text, text_first, scale, backend
+        q, k, v, u_t, codes, layout, mode, n_text, text_first, scale, backend
     )
 
 
 def perturbed_attention_from_plan(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    *,
-    plan,
-    layout: str = "bhnd",
-    mode: str = "joint",
-    n_text: int = 0,
-    text_first: bool = False,
-    scale: float | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor, *, plan,
+    layout: str = "bhnd", mode: str = "joint", n_text: int = 0, text_first: bool = False, scale: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """:func:`perturbed_attention` for callers that built ``u`` and ``plan`` together from checked values
-    (headpag's processors): ``u`` is never read, so a call never waits for the device.
+    (headpag's guided attention layers): ``u`` is never read, so a call never waits for the device.
 
     ``u`` must be a float32 ``(B, H)`` tensor on q's device and ``plan`` its codes (a Python int or nested
     lists of ints broadcastable to ``(B, H)``); shapes, dtype, device and codes are checked (host metadata only),
@@ -146,7 +119,7 @@ def perturbed_attention_from_plan(
         raise ValueError(f"u must be a float32 (B, H) = ({shape.B}, {shape.H}) tensor on {q.device}, got {got}")
     if plan is None:
         raise ValueError("plan is required: perturbed_attention_from_plan never reads u (use perturbed_attention)")
-    codes = plan_codes(plan, shape.B, shape.H)
+    codes = given_codes(plan, shape.B, shape.H)
     return torch.ops.headpag.perturbed_attention(
         q, k, v, u.contiguous(), codes, layout, mode, n_text, text_first, scale, backend
     )

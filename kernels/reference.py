@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .validation import check_mode, check_qkv, check_scale, normalize_u, resolve_plan
+from .validation import check_call, prepare_u, resolve_codes
 
 
 def text_token_mask(N: int, n_text: int, text_first: bool, device=None) -> torch.Tensor:
@@ -34,16 +34,8 @@ def identity_map(scores: torch.Tensor, mode: str, n_text: int, text_first: bool)
 
 
 def reference_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    u,
-    *,
-    layout: str = "bhnd",
-    mode: str = "joint",
-    n_text: int = 0,
-    text_first: bool = False,
-    scale: float | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u, *,
+    layout: str = "bhnd", mode: str = "joint", n_text: int = 0, text_first: bool = False, scale: float | None = None,
     plan=None,
 ) -> torch.Tensor:
     """``out[b, h] = ((1 - u[b, h]) * A + u[b, h] * P) @ v[b, h]`` with the maps materialised.
@@ -51,12 +43,10 @@ def reference_attention(
     Same arguments and semantics as :func:`headpag.kernels.perturbed_attention` (minus ``backend``).
     Returns a tensor with q's layout, shape and dtype.
     """
-    shape = check_qkv(q, k, v, layout)
-    check_mode(mode, n_text, text_first, shape.N)
-    scale = check_scale(scale, shape.D)
-    u_t = normalize_u(u, shape.B, shape.H, q.device)
+    shape, scale = check_call(q, k, v, layout, mode, n_text, text_first, scale)
+    u_t, u_host = prepare_u(u, shape.B, shape.H, q.device)
     if plan is not None:
-        resolve_plan(u_t, plan)
+        resolve_codes(u_t, plan, u_host)  # checks the plan against u; the materialised maps need no codes
 
     out_dtype = q.dtype
     compute_dtype = torch.promote_types(q.dtype, torch.float32)

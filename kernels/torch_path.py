@@ -1,9 +1,10 @@
 """``perturbed_attention`` in plain torch: for CPUs, systems without Triton, and the meta device.
 
-Attention comes from ``F.scaled_dot_product_attention`` and only for the (row, head) pairs whose plan needs
+Attention comes from ``F.scaled_dot_product_attention`` and only for the (row, head) pairs whose code needs
 it; identity heads in joint mode return ``v`` and never form ``q k^T``. Image mode computes the perturbed
 rows from an ``N_img x N_text`` score block plus the diagonal, never an ``N x N`` map. Everything is driven by
-the host-side plan, so the same code runs on meta tensors and is costed there by ``FlopCounterMode``.
+the host-side codes (PLAIN / SOFT / IDENTITY per (row, head)), so the same code runs on meta tensors and is
+costed there by ``FlopCounterMode``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .validation import IDENTITY, PLAIN, SOFT
+from .constants import IDENTITY, PLAIN, SOFT
 
 
 def _pairs(keep: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +49,7 @@ def torch_perturbed_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     u: torch.Tensor,
-    plan: torch.Tensor,
+    codes: torch.Tensor,
     *,
     layout: str,
     mode: str,
@@ -56,7 +57,7 @@ def torch_perturbed_attention(
     text_first: bool,
     scale: float,
 ) -> torch.Tensor:
-    """Validated inputs; ``u`` float32 ``(B, H)`` on q's device, ``plan`` int8 ``(B, H)`` on the CPU.
+    """Validated inputs; ``u`` float32 ``(B, H)`` on q's device, ``codes`` int8 ``(B, H)`` on the CPU.
 
     Returns the output in q's layout, contiguous, q's dtype.
     """
@@ -67,7 +68,7 @@ def torch_perturbed_attention(
         out_bhnd = out
     N = q.shape[2]
     device = q.device
-    attend = plan != IDENTITY
+    attend = codes != IDENTITY
 
     compute = torch.promote_types(q.dtype, torch.float32)
 
@@ -78,7 +79,7 @@ def torch_perturbed_attention(
     if mode == "joint":
         if bool(attend.all()):
             attention = F.scaled_dot_product_attention(q, k, v, scale=scale)
-            if bool((plan == PLAIN).all()):
+            if bool((codes == PLAIN).all()):
                 out_bhnd.copy_(attention)
             else:
                 w = u.to(compute)[:, :, None, None]
@@ -104,7 +105,7 @@ def torch_perturbed_attention(
         out_bhnd[b, h, txt] = _sdpa_pairs(q[b, h, txt], k[b, h], v[b, h], scale)
     # Perturbed image rows: identity pairs take P v, soft pairs blend it with A v.
     for code in (IDENTITY, SOFT):
-        b, h = _pairs(plan == code, device)
+        b, h = _pairs(codes == code, device)
         if b.numel() and N - n_text:
             perturbed = _perturbed_image_rows(q[b, h, img], k[b, h, img], v[b, h, img], k[b, h, txt], v[b, h, txt], scale)
             out_bhnd[b, h, img] = perturbed.to(q.dtype) if code == IDENTITY else blend(b, h, out_bhnd[b, h, img], perturbed)

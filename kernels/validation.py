@@ -3,14 +3,10 @@
 Everything here runs on the host and raises ``ValueError`` / ``TypeError`` naming the argument and the
 allowed values; nothing is clamped.
 
-The *plan* is the host-side classification of each (batch row, head) pair by its coefficient ``u``:
-
-    PLAIN    = 0   u == 0        plain attention
-    SOFT     = 1   0 < u < 1     attention and identity blended
-    IDENTITY = 2   u == 1        identity map only (joint mode: no q k^T at all)
-
-It decides the work done, so the fake implementation and the FLOP formula use it on the meta device, where
-``u``'s values cannot be read.
+``u`` takes one path: :func:`prepare_u` makes it a checked float32 ``(B, H)`` tensor (plus a host copy to read), and
+:func:`resolve_codes` gives the per-(row, head) codes PLAIN / SOFT / IDENTITY (``constants.py``) of the call,
+from ``u`` or from the caller's ``plan=`` checked against ``u``. The codes decide the work done, so the fake
+implementation and the FLOP formula use them on the meta device, where ``u``'s values cannot be read.
 """
 
 from __future__ import annotations
@@ -21,10 +17,9 @@ from typing import NamedTuple, Sequence, Union
 
 import torch
 
-PLAIN, SOFT, IDENTITY = 0, 1, 2
+from .constants import CODES, IDENTITY, MODES, PLAIN, SOFT
 
 LAYOUTS = ("bhnd", "bnhd")
-MODES = ("joint", "image")
 BACKENDS = ("auto", "triton", "torch")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -75,6 +70,14 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) ->
     return AttentionShape(B, H, N, D)
 
 
+def check_call(q, k, v, layout: str, mode: str, n_text: int, text_first: bool, scale) -> tuple[AttentionShape, float]:
+    """Checks q, k, v and the keywords every entry point shares (all but ``u``, ``plan`` and ``backend``);
+    returns the logical sizes and the softmax scale."""
+    shape = check_qkv(q, k, v, layout)
+    check_mode(mode, n_text, text_first, shape.N)
+    return shape, check_scale(scale, shape.D)
+
+
 def logical_shape(q: torch.Tensor, layout: str) -> AttentionShape:
     """``(B, H, N, D)`` of a tensor in ``layout`` ("bhnd" or "bnhd")."""
     if layout == "bhnd":
@@ -118,8 +121,9 @@ def check_backend(backend: str) -> None:
 
 
 def prepare_u(u: UType, B: int, H: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Checks ``u`` and returns ``(u on device, u on the host)``: a contiguous float32 ``(B, H)`` tensor on
-    ``device`` and a float64 ``(B, H)`` CPU copy to read (``None`` on the meta device).
+    """Checks ``u`` and returns ``(u_t, u_host)``: ``u_t`` a contiguous float32 ``(B, H)`` tensor on ``device``,
+    ``u_host`` a float64 ``(B, H)`` CPU copy to read (``None`` on the meta device and under ``torch.compile``,
+    where values cannot be read).
 
     ``u`` may be a scalar, an ``(H,)`` or ``(B, H)`` tensor or nested sequence (anything broadcastable to
     ``(B, H)``). Values must lie in [0, 1]; NaN is rejected. On the meta device the values are not checked.
@@ -159,108 +163,89 @@ def prepare_u(u: UType, B: int, H: int, device: torch.device) -> tuple[torch.Ten
 
 
 def normalize_u(u: UType, B: int, H: int, device: torch.device) -> torch.Tensor:
-    """Returns ``u`` as a contiguous float32 ``(B, H)`` tensor on ``device``, its values checked (``prepare_u``)."""
+    """Only ``u_t`` of :func:`prepare_u`: ``u`` as a checked, contiguous float32 ``(B, H)`` tensor on ``device``."""
     return prepare_u(u, B, H, device)[0]
 
 
-def plan_from_u(u: torch.Tensor) -> torch.Tensor:
-    """Classifies a readable ``(B, H)`` coefficient tensor into PLAIN / SOFT / IDENTITY codes (int8, CPU)."""
+def codes_from_u(u: torch.Tensor) -> torch.Tensor:
+    """The codes ``u`` implies: an int8 ``(B, H)`` CPU tensor of PLAIN / SOFT / IDENTITY for a readable
+    ``(B, H)`` coefficient tensor."""
     u = u.detach().to("cpu", torch.float64)
-    plan = torch.full(u.shape, SOFT, dtype=torch.int8)
-    plan[u == 0] = PLAIN
-    plan[u == 1] = IDENTITY
-    return plan
+    codes = torch.full(u.shape, SOFT, dtype=torch.int8)
+    codes[u == 0] = PLAIN
+    codes[u == 1] = IDENTITY
+    return codes
 
 
-def _nested_codes(plan) -> tuple[tuple[int, ...], list] | None:
+def _nested_ints(value) -> tuple[tuple[int, ...], list] | None:
     """Shape and row-major flat values of a Python int or a rectangular nested list/tuple of them, using no
-    torch ops (so ``torch.compile`` sees constants); ``None`` for anything else (tensors, arrays, ...)."""
-    if isinstance(plan, Integral) and not isinstance(plan, bool):
-        return (), [plan]
-    if not isinstance(plan, (list, tuple)):
+    torch ops (so ``torch.compile`` sees constants); ``None`` for anything else (tensors, arrays, floats, ...)."""
+    if isinstance(value, Integral) and not isinstance(value, bool):
+        return (), [value]
+    if not isinstance(value, (list, tuple)):
         return None
-    parts = [_nested_codes(p) for p in plan]
+    parts = [_nested_ints(p) for p in value]
     if any(p is None for p in parts):
         return None
     shapes = {shape for shape, _ in parts}
     if len(shapes) > 1:
-        raise ValueError(f"plan must be a rectangular nested sequence of codes {{0, 1, 2}}, got {plan!r}")
+        raise ValueError(f"plan must be a rectangular nested sequence of codes {{0, 1, 2}}, got {value!r}")
     inner = shapes.pop() if shapes else ()
-    return (len(plan), *inner), [x for _, flat in parts for x in flat]
+    return (len(value), *inner), [x for _, flat in parts for x in flat]
 
 
-def plan_codes(plan: PlanType, B: int, H: int) -> list[int]:
-    """A user-given plan as a flat row-major list of ``B * H`` PLAIN / SOFT / IDENTITY codes.
+def given_codes(plan: PlanType, B: int, H: int) -> list[int]:
+    """The caller-given codes (the ``plan=`` argument) as a flat row-major list of ``B * H`` PLAIN / SOFT /
+    IDENTITY codes; ``plan`` broadcasts to ``(B, H)`` like ``u``.
 
-    Python ints and nested lists/tuples are normalised in pure Python, so a constant plan traces under
-    ``torch.compile(fullgraph=True)`` without graph breaks; tensors (and arrays) go through
-    :func:`normalize_plan` and must be read, which ``torch.compile`` cannot do without a graph break.
+    Python ints and nested lists/tuples are read in pure Python, so constant codes trace under
+    ``torch.compile(fullgraph=True)`` without graph breaks; a tensor (or array) must be read to the host first,
+    which ``torch.compile`` cannot do without a graph break.
     """
-    nested = _nested_codes(plan)
+    nested = _nested_ints(plan)
     if nested is None:
-        return normalize_plan(plan, B, H).flatten().tolist()
+        try:
+            t = torch.as_tensor(plan)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"plan must be a tensor or nested sequence of codes {{0, 1, 2}}, got {plan!r}") from err
+        if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
+            raise TypeError(f"plan must hold integer codes {{0: plain, 1: soft, 2: identity}}, got dtype {t.dtype}")
+        nested = _nested_ints(t.tolist())
     shape, flat = nested
-    if len(shape) > 2 or any(
-        have not in (1, want) for have, want in zip(reversed(shape), (H, B))
-    ):
+    if len(shape) > 2 or any(have not in (1, want) for have, want in zip(reversed(shape), (H, B))):
         raise ValueError(f"plan must broadcast to (B, H) = ({B}, {H}), got shape {shape}")
-    shape2 = (1,) * (2 - len(shape)) + shape
-    codes = [
-        int(flat[(b if shape2[0] != 1 else 0) * shape2[1] + (h if shape2[1] != 1 else 0)])
-        for b in range(B)
-        for h in range(H)
-    ]
-    if any(c < PLAIN or c > IDENTITY for c in codes):
+    rows, cols = (1,) * (2 - len(shape)) + shape
+    codes = [int(flat[(b if rows != 1 else 0) * cols + (h if cols != 1 else 0)]) for b in range(B) for h in range(H)]
+    if any(c not in CODES for c in codes):
         raise ValueError(f"plan codes must be in {{0: plain, 1: soft, 2: identity}}, got {sorted(set(codes))}")
     return codes
 
 
-def normalize_plan(plan: PlanType, B: int, H: int) -> torch.Tensor:
-    """Returns a user-given plan as an int8 ``(B, H)`` CPU tensor of PLAIN / SOFT / IDENTITY codes."""
-    if not isinstance(plan, torch.Tensor) and _nested_codes(plan) is not None:
-        return torch.tensor(plan_codes(plan, B, H), dtype=torch.int8).view(B, H)
-    try:
-        p = torch.as_tensor(plan).to("cpu")
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise TypeError(f"plan must be a tensor or nested sequence of codes {{0, 1, 2}}, got {plan!r}") from err
-    if p.dtype.is_floating_point or p.dtype == torch.bool or p.dtype.is_complex:
-        raise TypeError(f"plan must hold integer codes {{0: plain, 1: soft, 2: identity}}, got dtype {p.dtype}")
-    try:
-        p = torch.broadcast_to(p, (B, H))
-    except RuntimeError as err:
-        raise ValueError(f"plan must broadcast to (B, H) = ({B}, {H}), got shape {tuple(p.shape)}") from err
-    if ((p < PLAIN) | (p > IDENTITY)).any():
-        raise ValueError(f"plan codes must be in {{0: plain, 1: soft, 2: identity}}, got {sorted(set(p.flatten().tolist()))}")
-    return p.to(torch.int8).contiguous()
+def resolve_codes(u_t: torch.Tensor, plan: PlanType | None, u_host: torch.Tensor | None = None) -> list[int]:
+    """The codes of one call as a flat row-major list of ``B * H`` PLAIN / SOFT / IDENTITY codes: the given
+    ``plan`` (checked against ``u``'s values where they can be read) or, without one, the codes ``u`` implies.
 
-
-def resolve_plan_codes(u_t: torch.Tensor, plan: PlanType | None) -> list[int]:
-    """The plan of a call as a flat row-major list of ``B * H`` codes: the given one (checked against
-    readable ``u``) or the one ``u`` implies.
-
-    A plan must be given when ``u`` lives on the meta device. Reading a CUDA ``u`` synchronises: pass the host
-    copy from ``prepare_u``. Under ``torch.compile`` pass the plan as Python ints: ``u`` is
-    not read there (neither to derive the plan nor to check it).
+    ``u_t`` is the ``(B, H)`` coefficient tensor and ``u_host`` its host copy from :func:`prepare_u`, read instead of
+    ``u_t`` when given (reading a CUDA ``u_t`` would synchronise). A plan must be given when ``u_t`` lives on the
+    meta device. Under ``torch.compile`` pass the plan as Python ints: ``u`` is not read there (neither to derive the
+    codes nor to check them).
     """
     B, H = u_t.shape
+    # A call for the meta device works from the plan alone, also where u came as host numbers.
+    readable = u_t if u_host is None or u_t.device.type == "meta" else u_host
     if plan is None:
-        if u_t.device.type == "meta":
+        if readable.device.type == "meta":
             raise ValueError("plan is required when u is on the meta device (its values cannot be read)")
-        return plan_from_u(u_t).flatten().tolist()
-    codes = plan_codes(plan, B, H)
-    if u_t.device.type != "meta" and not torch.compiler.is_compiling():
-        u_t = u_t.detach().to("cpu")  # one read: what follows indexes the host copy
-        implied = plan_from_u(u_t).flatten().tolist()
+        return codes_from_u(readable).flatten().tolist()
+    codes = given_codes(plan, B, H)
+    if readable.device.type != "meta" and not torch.compiler.is_compiling():
+        readable = readable.detach().to("cpu")  # one read: what follows indexes the host copy
+        implied = codes_from_u(readable).flatten().tolist()
         if implied != codes:
             i = next(i for i, (a, c) in enumerate(zip(implied, codes)) if a != c)
             b, h = divmod(i, H)
             raise ValueError(
                 f"plan contradicts u at (row, head) = {(b, h)}: plan says {codes[i]}, u = "
-                f"{float(u_t[b, h])} implies {implied[i]} (0: u == 0, 1: 0 < u < 1, 2: u == 1)"
+                f"{float(readable[b, h])} implies {implied[i]} (0: u == 0, 1: 0 < u < 1, 2: u == 1)"
             )
     return codes
-
-
-def resolve_plan(u_t: torch.Tensor, plan: PlanType | None) -> torch.Tensor:
-    """:func:`resolve_plan_codes` as an int8 ``(B, H)`` CPU tensor."""
-    return torch.tensor(resolve_plan_codes(u_t, plan), dtype=torch.int8).view(u_t.shape)
