@@ -1,6 +1,6 @@
 """Shared setup of the pytest-benchmark suites in bench/ (``python -m pytest bench/ --benchmark-only``).
 
-The suites' cases, checks and step functions live in ``headpag.benchmarks`` (what ``headpag bench`` runs); the
+The suites' cases, checks and step functions live in ``headpag.apps.benchmarks`` (what ``headpag bench`` runs); the
 files here only time them with pytest-benchmark. Nothing here sets ``TRITON_INTERPRET``: the CUDA suites must time
 compiled kernels and skip themselves when it is set (tests/conftest.py sets it: do not share a session with tests/).
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from headpag.benchmarks import machine
+from headpag.apps.benchmarks import machine
 
 _LOAD_AT_START: list[float] = []
 

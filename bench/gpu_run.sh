@@ -20,4 +20,4 @@ unset TRITON_INTERPRET
 cd /tmp || exit 1  # not the checkout: its headpag/ lacks headpag/kernels (a package-dir mapping), /tmp/site has both
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.csv"
 python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available())" || exit 1
-python3 -m headpag.cli bench --sections gpu --out "$out" 2>&1 | tee "$out/bench.log"
+python3 -m headpag.apps.cli bench --sections gpu --out "$out" 2>&1 | tee "$out/bench.log"

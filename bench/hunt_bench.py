@@ -27,7 +27,7 @@ import time
 import torch
 
 import headpag
-from headpag.benchmarks.meta_flops import hunt_candidate_flops
+from headpag.apps.benchmarks.meta_flops import hunt_candidate_flops
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "hunt-cpu.json")
 PROMPTS = ["p0", "p1"]

@@ -14,7 +14,7 @@ import json
 import sys
 from collections import defaultdict
 
-from headpag.benchmarks import report
+from headpag.apps.benchmarks import report
 
 
 def _load(averages) -> str:

@@ -8,7 +8,7 @@ above the theoretical minimum or not cheaper than eager.
 
 from __future__ import annotations
 
-from headpag.benchmarks import full_size
+from headpag.apps.benchmarks import full_size
 
 
 def test_full_size_flops(benchmark):

@@ -1,5 +1,5 @@
 """pytest-benchmark suite of one guided denoiser step: the settings and contenders of
-``headpag.benchmarks.guided_step`` (what ``headpag bench`` runs), timed by pytest-benchmark.
+``headpag.apps.benchmarks.guided_step`` (what ``headpag bench`` runs), timed by pytest-benchmark.
 
     python -m pytest bench/test_guided_step_bench.py --benchmark-only --benchmark-json=bench/results/guided-step-cpu.json
     python bench/summarize.py bench/results/guided-step-cpu.json
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from headpag.benchmarks import guided_step, roofline, timing
+from headpag.apps.benchmarks import guided_step, roofline
 
 PARAMS = [(setting, name) for setting in guided_step.SETTINGS for name in guided_step.CONTENDERS]
 
@@ -26,19 +26,6 @@ def prepared() -> dict:
     return {}
 
 
-def _prepare(prepared: dict, setting_name: str) -> dict:
-    if setting_name not in prepared:
-        setting = guided_step.SETTINGS[setting_name]
-        pipes = guided_step.build(setting)
-        diffs = guided_step.check_outputs(guided_step.outputs(pipes), setting.dtype)
-        try:
-            flops = guided_step.step_flops(setting)
-        except Exception as err:  # noqa: BLE001  as in guided_step.run: the timings do not depend on the counts
-            flops = {"error": f"{type(err).__name__}: {err}"}
-        params = sum(p.numel() for p in pipes.pipe.transformer.parameters())
-        prepared[setting_name] = dict(pipes=pipes, diffs=diffs, flops=flops, memory=guided_step.peak_memory(pipes),
-                                      parameters=params)
-    return prepared[setting_name]
 
 
 @pytest.mark.parametrize("setting_name,name", PARAMS, ids=[f"{s}-{n}" for s, n in PARAMS])
@@ -46,24 +33,21 @@ def test_guided_step(benchmark, prepared, setting_name, name):
     setting = guided_step.SETTINGS[setting_name]
     if (why := guided_step.available(setting)) is not None:
         pytest.skip(why)
-    state = _prepare(prepared, setting_name)
-    pipes = state["pipes"]
+    if setting_name not in prepared:
+        prepared[setting_name] = guided_step.prepare(setting)
+    state = prepared[setting_name]
+    pipes = state.pipes
     benchmark.group = f"guided step {setting_name}"
     info = benchmark.extra_info
     info.update(setting=setting_name, label=setting.label, model=setting.model, dtype=str(setting.dtype).removeprefix("torch."),
                 image_tokens=setting.image_tokens, text_tokens=setting.text, guidance_scale=guided_step.GUIDANCE,
-                pag_scale=guided_step.PAG_SCALE, max_abs_diffs=state["diffs"], parameters=state["parameters"])
-
-    paired: list[float] = []
-
-    def paired_cfg_step():  # setup of every round: an unpatched CFG step, timed here, not by pytest-benchmark
-        paired.extend(timing.time_rounds(lambda: guided_step.reference_step(pipes), rounds=1, warmup=0))
-
+                pag_scale=guided_step.PAG_SCALE, max_abs_diffs=state.diffs, parameters=state.parameters)
+    setup, paired = guided_step.paired_reference(pipes)  # an unpatched CFG step before every round, timed on the side
     with guided_step.activated(name, pipes) as step:
-        benchmark.pedantic(step, setup=paired_cfg_step, rounds=setting.rounds, warmup_rounds=setting.warmup, iterations=1)
+        benchmark.pedantic(step, setup=setup, rounds=setting.rounds, warmup_rounds=setting.warmup, iterations=1)
     if benchmark.stats is None:  # --benchmark-disable
         return
     times = list(benchmark.stats.stats.data)
-    info.update(guided_step.record(name, times, paired[-len(times):], state["flops"]), **state["memory"][name])
-    if setting.project_roofline and name in state["flops"]:
-        info["roofline_h100_projection"] = roofline.project(state["flops"][name], state["parameters"])
+    info.update(guided_step.record(name, times, paired[-len(times):], state.flops), **state.memory[name])
+    if setting.project_roofline and name in state.flops:
+        info["roofline_h100_projection"] = roofline.project(state.flops[name], state.parameters)

@@ -1,4 +1,4 @@
-"""pytest-benchmark suite of ``headpag.kernels.perturbed_attention``: the cases of ``headpag.benchmarks.kernel_sweep``
+"""pytest-benchmark suite of ``headpag.kernels.perturbed_attention``: the cases of ``headpag.apps.benchmarks.kernel_sweep``
 (what ``headpag bench`` runs), timed by pytest-benchmark.
 
     python -m pytest bench/test_kernel_bench.py --benchmark-only --benchmark-json=bench/results/kernel-cpu.json
@@ -13,9 +13,8 @@ round runs ``calls_per_round`` calls and a synchronisation: JSON ``stats`` are p
 from __future__ import annotations
 
 import pytest
-import torch
 
-from headpag.benchmarks import kernel_sweep
+from headpag.apps.benchmarks import kernel_sweep
 
 PARAMS = [(case, impl) for case in kernel_sweep.cpu_cases() + kernel_sweep.cuda_cases() for impl in case.impls]
 
@@ -24,30 +23,14 @@ PARAMS = [(case, impl) for case in kernel_sweep.cpu_cases() + kernel_sweep.cuda_
 def test_attention(benchmark, baseline_medians, case, impl):
     if (why := kernel_sweep.skip_reason(case, impl)) is not None:
         pytest.skip(why)
-    q, k, v = kernel_sweep.inputs(case)
-    fn = kernel_sweep.op(case, impl, q, k, v)
+    m = kernel_sweep.prepare(case, impl)  # checked against the oracle before it is timed
     benchmark.group = case.group
     info = benchmark.extra_info
-    info.update(group=case.group, case=case.case, impl=impl, baseline=case.baseline, device=case.device, B=case.B,
-                H=case.H, N=case.N, D=case.D, dtype=kernel_sweep.dtype_name(case.dtype))
-    info["max_abs_diff_vs_reference"] = kernel_sweep.check(case, impl, q, k, v)  # correct before timed
-    rounds, calls = kernel_sweep.rounds_for(fn, case)
-    if impl == "reference":
-        rounds = 3
-    if case.device == "cuda":
-        fn()
-        info["peak_mem_over_inputs_mib"] = kernel_sweep.peak_memory_mib(fn)
-
-        def target():
-            for _ in range(calls):
-                fn()
-            torch.cuda.synchronize()
-    else:
-        target = fn
-    benchmark.pedantic(target, rounds=rounds, warmup_rounds=1, iterations=1)
+    info.update(m.record)
+    benchmark.pedantic(m.one_round, rounds=m.rounds, warmup_rounds=1, iterations=1)
     if benchmark.stats is None:  # --benchmark-disable
         return
-    info.update(kernel_sweep.timed(case, impl, [t / calls for t in benchmark.stats.stats.data], calls))
+    info.update(m.result([t / m.calls for t in benchmark.stats.stats.data]))
     if impl == case.baseline:
         baseline_medians[case.group] = info["median_ms"]
     elif case.group not in baseline_medians:  # the baseline's own test did not run first (-k, reordering)

@@ -1,7 +1,7 @@
 """HeadSet: the selected attention heads ``(layer, head)`` with a per-head perturbation coefficient ``u``.
 
 Layers are the indices of :func:`headpag.list_layers` (one 0-based index space per model, forward order); heads are
-0-based within a layer. ``u`` is the coefficient of DESIGN.md's semantics, in ``[0, 1]``: ``out = (1-u) A v + u P v``
+0-based within a layer. ``u`` is the perturbation coefficient, in ``[0, 1]``: ``out = (1-u) A v + u P v``
 on the perturbed rows (``u = 1``, the default, is full PAG for that head).
 
 Accepted inputs (``HeadSet(x)`` / ``HeadSet.from_any(x)``):
@@ -37,7 +37,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
-from .layers import list_layers, model_class_name
+from .archs import list_layers, model_class_name
 
 __all__ = ["HeadSet", "FORMAT", "FORMAT_VERSION", "SYNTAX"]
 

@@ -1,11 +1,11 @@
-"""Train the shipped digits models: ``python -m headpag.digits.train --out headpag/digits/weights``.
+"""Train the shipped digits models: ``python -m headpag.apps.digits.train --out headpag/apps/digits/weights``.
 
 Needs scikit-learn (``pip install -e '.[train]'``): the data are ``sklearn.datasets.load_digits`` (1,797 images of
 8x8, pixels 0-16), split once with a fixed seed into train (80 %) and held-out test (20 %) images.
 
-1. The classifier (:class:`~headpag.digits.model.DigitClassifier`, a small CNN) on the train split, with small
+1. The classifier (:class:`~headpag.apps.digits.model.DigitClassifier`, a small CNN) on the train split, with small
    random shifts, intensity jitter and noise; its accuracy on the test split is recorded.
-2. The denoiser: a diffusers ``SD3Transformer2DModel`` (config :data:`~headpag.digits.model.TRANSFORMER_CONFIG`)
+2. The denoiser: a diffusers ``SD3Transformer2DModel`` (config :data:`~headpag.apps.digits.model.TRANSFORMER_CONFIG`)
    trained by rectified flow matching in pixel space on the train split: ``x_t = (1 - s) x_0 + s e``,
    ``s ~ U(0, 1)``, timestep ``1000 s`` (the scale of ``FlowMatchEulerDiscreteScheduler``), target velocity
    ``e - x_0``; the digit is the conditioning ("text") and is replaced by the null label with probability
@@ -156,7 +156,7 @@ def recognition(pipe, classifier, *, guidance_scales, seeds: int, steps: int) ->
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m headpag.digits.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m headpag.apps.digits.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "weights"), help="output directory")
     p.add_argument("--steps", type=int, default=3000, help="denoiser optimiser steps")
     p.add_argument("--batch-size", type=int, default=128, help="denoiser batch size")
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--label-dropout", type=float, default=0.15, help="probability of the null label (for CFG)")
     p.add_argument("--classifier-epochs", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (on a small shared CPU one thread avoids oversubscription)")
     p.add_argument("--eval-seeds", type=int, default=20, help="samples per digit in the final evaluation")
     p.add_argument("--samples", default=None, help="optional PNG path: a grid of samples of every digit")
     args = p.parse_args(argv)
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
         log(f"wrote {args.samples}")
 
     record = {
-        "command": "python -m headpag.digits.train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": "python -m headpag.apps.digits.train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "settings": vars(args),
         "transformer_config": TRANSFORMER_CONFIG,
         "data": {"source": "sklearn.datasets.load_digits", "train": len(y_train), "test": len(y_test),

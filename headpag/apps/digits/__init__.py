@@ -5,7 +5,7 @@
   ``enable_fused`` / ``enable_eager`` / ``hunt`` work on it as on SD3.
 - :func:`load_pipeline` / :meth:`DigitsPipeline.from_package`: the trained weights shipped in ``weights/``
   (``weights/train.json`` records the command, settings and measurements; retrain with
-  ``python -m headpag.digits.train``, which needs scikit-learn).
+  ``python -m headpag.apps.digits.train``, which needs scikit-learn).
 - :func:`load_classifier`, :class:`DigitObjective`: a small CNN digit classifier trained the same way, and the
   HeadHunter objective built on it (the classifier's confidence in the asked digit).
 """

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..kernels import MODES
+
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
@@ -59,7 +61,7 @@ def _init_distributed() -> None:
 
 
 def _objective(args):
-    from .objectives import get_objective
+    from ..search.objectives import get_objective
 
     if args.objective == "digits":  # the embedded digit classifier: confidence in the asked digit
         from .digits.objective import DigitObjective
@@ -75,7 +77,7 @@ def _objective(args):
 
 
 def _heads_arg(text: str | None):
-    from .heads import HeadSet
+    from ..heads import HeadSet
 
     if text is None:
         return None
@@ -83,7 +85,7 @@ def _heads_arg(text: str | None):
 
 
 def cmd_hunt(args) -> int:
-    from .hunter import hunt
+    from ..search import hunt
 
     _init_distributed()
     prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
@@ -104,7 +106,7 @@ def cmd_hunt(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from . import disable, enable_fused
+    from .. import disable, enable_fused
 
     pipe = _load_pipeline(args.model, args.device, args.dtype)
     heads = _heads_arg(args.heads)
@@ -113,15 +115,17 @@ def cmd_generate(args) -> int:
     kwargs = {"num_inference_steps": args.steps, "generator": torch.Generator("cpu").manual_seed(args.seed)}
     if args.guidance_scale is not None:
         kwargs["guidance_scale"] = args.guidance_scale
-    image = pipe(args.prompt, **kwargs).images[0]
-    disable(pipe)
+    try:
+        image = pipe(args.prompt, **kwargs).images[0]
+    finally:
+        disable(pipe)
     image.save(args.output)
     print(f"wrote {args.output}")
     return 0
 
 
 def cmd_atlas(args) -> int:
-    from .atlas import make_atlas
+    from ..search.atlas import make_atlas
 
     for path in make_atlas(args.run_dir):
         print(f"wrote {path}")
@@ -154,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights dtype")
         p.add_argument("--steps", type=_positive_int, default=20, help="inference steps")
         p.add_argument("--scale", type=float, default=3.0, help="PAG scale w")
-        p.add_argument("--mode", default="joint", choices=("joint", "image"), help="identity over the whole sequence or "
+        p.add_argument("--mode", default="joint", choices=MODES, help="identity over the whole sequence or "
                        "over the image-image block only")
         p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's; hunt: "
                        "CFG off as in the paper)")
@@ -207,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="layer-level PAG: comma-separated layer indices, every head of "
                    "each (default '2,3'; the model has 6 layers x 4 heads)")
     p.add_argument("--heads", default=None, help="head-level HeadSet, e.g. '1:1,2:0,3:3' (default)")
-    p.add_argument("--mode", default=None, choices=("joint", "image"), help="identity over the whole sequence "
+    p.add_argument("--mode", default=None, choices=MODES, help="identity over the whole sequence "
                    "(default) or over the image-image block only")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale used with PAG (default 1: CFG off, "
                    "as in HeadHunter's searches)")

@@ -1,144 +1,23 @@
 """Pictures of a HeadHunter run directory: a thumbnail atlas of every head and a per-round score heatmap.
 
-A run directory (written by :mod:`headpag.hunter`) holds:
+It reads the run directory through :mod:`headpag.search.run_dir`, which owns the format: the settings (heads per
+layer), every round's records, the round-1 thumbnails and the final selection.
 
-- ``settings.json``: ``{"model_class": str, "heads_per_layer": [int, ...], "layer_names": [str, ...], ...}``;
-- ``records-rank{R}.jsonl``: one JSON line per finished candidate evaluation, ``{"round": 1, "selected": [[layer,
-  head], ...] (the set before the round), "candidate": [layer, head], "scores": [...], "mean": float, "seconds":
-  float}``; a truncated last line (a crash while writing) is ignored;
-- ``thumbs/L{layer}_H{head}.png``: the candidate's first image in round 1 (may be missing for some heads);
-- ``summary.json`` (optional here): ``{"heads": [[layer, head, u], ...], ...}``, the final selection.
-
-Public API: :func:`read_records`, :func:`score_grid`, :func:`head_atlas`, :func:`score_heatmap`,
+Public API: :func:`score_grid`, :func:`head_atlas`, :func:`score_heatmap`,
 :func:`make_atlas` (what ``headpag atlas RUN_DIR`` calls). Drawing needs matplotlib (``pip install
 'headpag[plots]'``); it is imported lazily and drawn on a standalone Agg figure (no pyplot, no global state).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from pathlib import Path
-from typing import Any
 
-__all__ = ["read_records", "score_grid", "head_atlas", "score_heatmap", "make_atlas"]
+from .run_dir import chosen_in_round, parse_head, parse_heads, read_records, read_settings, thumbnail_path
 
-_RECORDS = re.compile(r"^records-rank(\d+)\.jsonl$")
-_HEAD_STR = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?:@.*)?$")
-_REQUIRED = ("round", "candidate", "mean")
+__all__ = ["score_grid", "head_atlas", "score_heatmap", "make_atlas"]
 
 Head = tuple[int, int]
-
-
-# --------------------------------------------------------------------------------------------------- reading
-
-
-def _record_files(run_dir: Path) -> list[Path]:
-    """``records-rank{R}.jsonl`` files of ``run_dir``, in rank order (rank 10 after rank 2)."""
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _RECORDS.match(p.name)) and p.is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def _parse_line(raw: bytes) -> dict:
-    """One record from one line; ValueError (with the reason) if it is not a JSON object with the needed keys."""
-    try:
-        rec = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"not valid JSON ({e})") from None
-    if not isinstance(rec, dict):
-        raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
-    missing = [k for k in _REQUIRED if k not in rec]
-    if missing:
-        raise ValueError(f"missing key(s) {', '.join(missing)}")
-    return rec
-
-
-def read_records(run_dir: str | os.PathLike) -> list[dict]:
-    """All complete records of all ranks (``records-rank0.jsonl``, ``records-rank1.jsonl``, ...), file by file.
-
-    Blank lines are skipped; so is a malformed *last* line of a file (a write cut short by a crash). A malformed
-    line anywhere else raises ValueError naming the file and the 1-based line number. A run directory without
-    records files gives ``[]``.
-    """
-    run_dir = Path(run_dir)
-    records: list[dict] = []
-    for path in _record_files(run_dir):
-        lines = [(i, raw) for i, raw in enumerate(path.read_bytes().split(b"\n"), 1) if raw.strip()]
-        for n, (lineno, raw) in enumerate(lines):
-            try:
-                records.append(_parse_line(raw))
-            except ValueError as e:
-                if n == len(lines) - 1:
-                    break  # truncated trailing line
-                raise ValueError(f"{path} line {lineno}: malformed record: {e}") from None
-    return records
-
-
-def _settings(run_dir: Path) -> dict:
-    path = run_dir / "settings.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a HeadHunter run directory?")
-    settings = json.loads(path.read_text())
-    hpl = settings.get("heads_per_layer")
-    if not isinstance(hpl, list) or not all(isinstance(n, int) and n >= 0 for n in hpl):
-        raise ValueError(f"{path}: 'heads_per_layer' must be a list of non-negative ints, got {hpl!r}")
-    return settings
-
-
-def _head(x: Any) -> Head | None:
-    """``(layer, head)`` from ``[layer, head, ...]``, ``{"layer": .., "head": ..}`` or ``"12:3[@u]"``; else None."""
-    if isinstance(x, str):
-        m = _HEAD_STR.match(x)
-        return (int(m.group(1)), int(m.group(2))) if m else None
-    if isinstance(x, dict):
-        x = [x.get("layer"), x.get("head")]
-    if isinstance(x, (list, tuple)) and len(x) >= 2:
-        layer, head = x[0], x[1]
-        if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (layer, head)):
-            return (layer, head)
-    return None
-
-
-def _heads(items: Any) -> set[Head]:
-    return {h for h in map(_head, items or ()) if h is not None}
-
-
-def _final_heads(run_dir: Path) -> set[Head] | None:
-    """The run's final selection from ``summary.json`` (keys ``heads``/``entries``/``selected``), or None."""
-    path = run_dir / "summary.json"
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(summary, dict):
-        return None
-    for key in ("heads", "entries", "selected"):
-        value = summary.get(key)
-        if isinstance(value, dict):  # a HeadSet file stored inline
-            value = value.get("entries")
-        if isinstance(value, list):
-            return _heads(value)
-    return None
-
-
-def _chosen_in_round(run_dir: Path, records: list[dict], rnd: int) -> set[Head] | None:
-    """Heads the search added in round ``rnd``: in round ``rnd+1``'s ``selected`` but not in round ``rnd``'s (for
-    the last round with records, ``summary.json``'s heads instead of round ``rnd+1``'s). None if unknown."""
-    this = [r for r in records if r.get("round") == rnd]
-    if not this:
-        return None
-    before = _heads(this[0].get("selected"))
-    after_recs = [r for r in records if r.get("round") == rnd + 1]
-    if after_recs:
-        after = _heads(after_recs[0].get("selected"))
-    elif rnd == max(r.get("round", 0) for r in records):
-        after = _final_heads(run_dir)
-        if after is None:
-            return None
-    else:
-        return None
-    return after - before
 
 
 def score_grid(run_dir: str | os.PathLike, round: int = 1):
@@ -148,7 +27,7 @@ def score_grid(run_dir: str | os.PathLike, round: int = 1):
     import numpy as np
 
     run_dir = Path(run_dir)
-    hpl = _settings(run_dir)["heads_per_layer"]
+    hpl = read_settings(run_dir)["heads_per_layer"]
     records = read_records(run_dir)
     this = [r for r in records if r.get("round") == round]
     if not this:
@@ -156,7 +35,7 @@ def score_grid(run_dir: str | os.PathLike, round: int = 1):
         raise ValueError(f"{run_dir}: no records for round {round} (rounds with records: {rounds or 'none'})")
     sums: dict[Head, list[float]] = {}
     for rec in this:
-        head = _head(rec["candidate"])
+        head = parse_head(rec["candidate"])
         if head is None or head[0] >= len(hpl) or head[1] >= hpl[head[0]]:
             raise ValueError(f"{run_dir}: candidate {rec['candidate']!r} is not a head of this model ({hpl})")
         mean = rec["mean"]
@@ -164,8 +43,8 @@ def score_grid(run_dir: str | os.PathLike, round: int = 1):
     grid = np.full((len(hpl), max(hpl, default=0)), np.nan)
     for (layer, head), means in sums.items():
         grid[layer, head] = sum(means) / len(means)
-    selected = _heads(this[0].get("selected"))
-    return grid, selected, _chosen_in_round(run_dir, records, round)
+    selected = parse_heads(this[0].get("selected"))
+    return grid, selected, chosen_in_round(run_dir, records, round)
 
 
 # --------------------------------------------------------------------------------------------------- drawing
@@ -205,10 +84,10 @@ def head_atlas(run_dir: str | os.PathLike, path: str | os.PathLike | None = None
     from matplotlib.patches import Rectangle
 
     run_dir = Path(run_dir)
-    settings = _settings(run_dir)
+    settings = read_settings(run_dir)
     hpl = settings["heads_per_layer"]
     records = read_records(run_dir)
-    chosen = _chosen_in_round(run_dir, records, round) or set()
+    chosen = chosen_in_round(run_dir, records, round) or set()
     path = Path(path) if path is not None else run_dir / "atlas.png"
 
     rows, cols = max(len(hpl), 1), max(max(hpl, default=0), 1)
@@ -229,7 +108,7 @@ def head_atlas(run_dir: str | os.PathLike, path: str | os.PathLike | None = None
     for layer, n_heads in enumerate(hpl):
         for head in range(n_heads):
             x0, y0 = head * pitch_x + 0.05, layer * pitch_y + 0.05
-            thumb = _load_thumb(run_dir / "thumbs" / f"L{layer}_H{head}.png")
+            thumb = _load_thumb(thumbnail_path(run_dir, (layer, head)))
             if thumb is None:
                 missing += 1
                 ax.add_patch(Rectangle((x0, y0), 1, 1, facecolor="0.82", edgecolor="0.6", lw=0.5))
@@ -263,7 +142,7 @@ def score_heatmap(run_dir: str | os.PathLike, path: str | os.PathLike | None = N
     from matplotlib.patches import Rectangle
 
     run_dir = Path(run_dir)
-    settings = _settings(run_dir)
+    settings = read_settings(run_dir)
     hpl = settings["heads_per_layer"]
     grid, selected, chosen = score_grid(run_dir, round)
     path = Path(path) if path is not None else run_dir / "heatmap.png"

@@ -3,7 +3,7 @@
 A selected attention module keeps its own processor: projections, q/k norms (SD3.5), rotary embeddings (Flux)
 and output projections stay diffusers' code. Only its ``F.scaled_dot_product_attention`` call is routed, by a
 ``TorchFunctionMode`` active while the module runs, to ``headpag.kernels.perturbed_attention_from_plan`` (fused:
-``u`` and its plan are built together on the host once per call layout, so the kernel entry never reads ``u``
+``u`` and its per-(row, head) codes are built together on the host once per call layout, so the kernel entry never reads ``u``
 back and never waits for the device) or to the materialised-map ``reference_attention`` (eager), with a per-(row,
 head) coefficient ``u``. This is the same mechanism diffusers' own ``apply_layer_skip(skip_attention_scores=True)``
 uses.
@@ -39,10 +39,11 @@ def check_default_processor(name: str, attn: torch.nn.Module) -> None:
 
 @dataclass(frozen=True)
 class RowCoefficients:
-    """``u`` of one layer for one call: a float32 ``(rows, H)`` tensor and its plan (nested Python codes)."""
+    """``u`` of one layer for one call: a float32 ``(rows, H)`` tensor on the call's device, its per-(row, head)
+    codes (nested Python ints: ``PLAIN``, ``SOFT``, ``IDENTITY``), the mode and where the text tokens sit."""
 
     u: torch.Tensor
-    plan: list[list[int]]
+    codes: list[list[int]]
     mode: str
     n_text: int
     text_first: bool
@@ -80,5 +81,5 @@ class PerturbedSDPA(TorchFunctionMode):
             )
         return self.attention(
             q, k, v, self.c.u, layout="bhnd", mode=self.c.mode, n_text=self.c.n_text, text_first=self.c.text_first,
-            scale=call.get("scale"), plan=self.c.plan,
+            scale=call.get("scale"), plan=self.c.codes,
         )

@@ -1,4 +1,4 @@
-"""Combining predictions: the PAG interval and the fold of DESIGN.md ("The fused guided step", step 5).
+"""Combining predictions: which steps are guided (the PAG interval) and the fold of ``delta`` into the base rows.
 
 Guided prediction (epsilon or flow-matching velocity alike), PAG scale ``w``, CFG scale ``s``:
 
@@ -11,32 +11,9 @@ alike; the pipeline's own CFG arithmetic then returns exactly the guided predict
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .rows import RowLayout
-
-
-def check_interval(interval) -> tuple[float, float]:
-    """``(start, stop)`` with ``0 <= start <= stop <= 1``; raises ``ValueError`` otherwise."""
-    try:
-        start, stop = (float(x) for x in interval)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"interval must be a pair (start, stop) of numbers in [0, 1], got {interval!r}") from err
-    if not (0.0 <= start <= stop <= 1.0) or math.isnan(start) or math.isnan(stop):
-        raise ValueError(f"interval must satisfy 0 <= start <= stop <= 1, got {interval!r}")
-    return start, stop
-
-
-def check_scale(scale) -> float:
-    """The PAG scale ``w``: a finite number >= 0."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a finite number >= 0, got {scale!r}")
-    scale = float(scale)
-    if not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"scale must be a finite number >= 0, got {scale}")
-    return scale
+from ..archs import RowLayout
 
 
 def step_position(timesteps: torch.Tensor, timestep) -> int:

@@ -3,7 +3,8 @@
 Called like a text-to-image pipeline whose prompt is a digit: ``pipe(7)``, ``pipe("7")``, ``pipe([0, 1, "2"])``.
 One denoiser call per step with rows ``[uncond, cond]`` when classifier-free guidance is on (``guidance_scale >
 1``), else ``[cond]``, timesteps from ``scheduler.timesteps``, as ``StableDiffusion3Pipeline`` does, so
-headpag's ``enable_fused`` / ``enable_eager`` / ``hunt`` treat it like SD3 (row layout ``"uncond_cond"``).
+headpag's ``enable_fused`` / ``enable_eager`` / ``hunt`` treat it like SD3: it registers the call pattern
+``"uncond_cond"`` through the public ``headpag.register_pipeline``, as any user pipeline would.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput, SD3Transformer2DModel
 from diffusers.utils.torch_utils import randn_tensor
+
+import headpag
 
 from .model import IMAGE_SIZE, NULL_LABEL, NUM_DIGITS, encode_labels, to_unit
 
@@ -73,10 +76,10 @@ class DigitsPipeline(DiffusionPipeline):
     @classmethod
     def from_package(cls, torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                      progress_bar: bool = False) -> "DigitsPipeline":
-        """The pipeline with the trained weights shipped in ``headpag/digits/weights/pipeline``."""
+        """The pipeline with the trained weights shipped in ``headpag/apps/digits/weights/pipeline``."""
         if not (PIPELINE_DIR / "model_index.json").exists():
             raise FileNotFoundError(f"no shipped digits weights in {PIPELINE_DIR}; train them with "
-                                    f"`python -m headpag.digits.train` (needs scikit-learn)")
+                                    f"`python -m headpag.apps.digits.train` (needs scikit-learn)")
         from diffusers.utils import logging as diffusers_logging
 
         kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
@@ -181,3 +184,6 @@ class DigitsPipeline(DiffusionPipeline):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+
+headpag.register_pipeline(DigitsPipeline, "uncond_cond")

@@ -44,10 +44,12 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 import headpag
+from headpag.guided import EXECUTIONS
 from headpag.kernels import HAS_TRITON
 
 from . import meta_flops, roofline, timing
@@ -203,7 +205,7 @@ def activated(name: str, pipes: Pipes):
     if spec["kind"] == "diffusers":
         yield lambda: finish(_call(pipes.pag, pipes, pag_scale=PAG_SCALE))
         return
-    if spec["kind"] in ("fused", "eager"):
+    if spec["kind"] in EXECUTIONS:
         enable = headpag.enable_fused if spec["kind"] == "fused" else headpag.enable_eager
         enable(pipes.pipe, spec["heads"], scale=PAG_SCALE, mode=spec["mode"])
     try:
@@ -337,16 +339,47 @@ def record(name: str, times: list[float], paired: list[float], flops: dict) -> d
     return out
 
 
-def time_contender(name: str, pipes: Pipes, rounds: int, warmup: int) -> tuple[list[float], list[float]]:
-    """(seconds per round of ``name``, seconds of the paired CFG step before each round)."""
+def paired_reference(pipes: Pipes) -> tuple[Callable[[], None], list[float]]:
+    """``(setup, paired)``: ``setup`` runs one CFG-only step on the identical copy and appends its seconds to
+    ``paired``; run before every timed round, it gives the round its paired reference."""
     paired: list[float] = []
 
-    def paired_cfg_step():
+    def setup():
         paired.extend(timing.time_rounds(lambda: reference_step(pipes), rounds=1, warmup=0))
 
+    return setup, paired
+
+
+def time_contender(name: str, pipes: Pipes, rounds: int, warmup: int) -> tuple[list[float], list[float]]:
+    """(seconds per round of ``name``, seconds of the paired CFG step before each round)."""
+    setup, paired = paired_reference(pipes)
     with activated(name, pipes) as step:
-        times = timing.time_rounds(step, rounds=rounds, warmup=warmup, setup=paired_cfg_step)
+        times = timing.time_rounds(step, rounds=rounds, warmup=warmup, setup=setup)
     return times, paired[-rounds:]
+
+
+@dataclass
+class Prepared:
+    """A setting ready to time: its pipelines, the checked outputs' differences, FLOPs per contender (or
+    ``{"error": ...}``), peak memory per contender and the denoiser's parameter count."""
+
+    pipes: Pipes
+    diffs: dict
+    flops: dict
+    memory: dict
+    parameters: int
+
+
+def prepare(setting: Setting) -> Prepared:
+    """Builds the setting's pipelines, checks every contender's output, counts FLOPs and measures peak memory."""
+    pipes = build(setting)
+    diffs = check_outputs(outputs(pipes), setting.dtype)
+    try:
+        flops = step_flops(setting)
+    except Exception as err:  # noqa: BLE001  the timings do not depend on the counts: report and go on
+        flops = {"error": f"{type(err).__name__}: {err}"}
+    parameters = sum(p.numel() for p in pipes.pipe.transformer.parameters())
+    return Prepared(pipes, diffs, flops, peak_memory(pipes), parameters)
 
 
 def run(setting: Setting | str, rounds: int | None = None, warmup: int | None = None) -> dict:
@@ -361,13 +394,9 @@ def run(setting: Setting | str, rounds: int | None = None, warmup: int | None = 
         return dict(setting=setting.name, skipped=why)
     rounds = setting.rounds if rounds is None else rounds
     warmup = setting.warmup if warmup is None else warmup
-    pipes = build(setting)
-    diffs = check_outputs(outputs(pipes), setting.dtype)
-    try:
-        flops = step_flops(setting)
-    except Exception as err:  # noqa: BLE001  the timings do not depend on the counts: report and go on
-        flops = {"error": f"{type(err).__name__}: {err}"}
-    memory = peak_memory(pipes)
+    prepared = prepare(setting)
+    pipes, diffs, flops, memory, params = (prepared.pipes, prepared.diffs, prepared.flops, prepared.memory,
+                                           prepared.parameters)
     results = {}
     for name in CONTENDERS:
         times, paired = time_contender(name, pipes, rounds, warmup)
@@ -375,7 +404,6 @@ def run(setting: Setting | str, rounds: int | None = None, warmup: int | None = 
     base = results["cfg"]["median_ms"]
     for r in results.values():
         r["ratio_of_medians_to_cfg"] = r["median_ms"] / base
-    params = sum(p.numel() for p in pipes.pipe.transformer.parameters())
     if setting.project_roofline and "error" not in flops:
         for name, r in results.items():
             r["roofline_h100_projection"] = roofline.project(flops[name], params)

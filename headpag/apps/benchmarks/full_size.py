@@ -153,7 +153,7 @@ def analyse_unet(name: str, pipe, call, n_base: int, heads: str, latent: int) ->
     """``meta_flops.analyse`` for a UNet: the fork unit is a down/mid/up block, the units after it plus
     ``conv_norm_out``/``conv_out`` carry the twin row, and each identity head skips ``4 N^2 D`` at its own
     resolution (N image tokens of that block)."""
-    from headpag.layers import forward_units, list_layers
+    from headpag import forward_units, list_layers
 
     model = pipe.unet
     root = type(model).__name__
@@ -227,7 +227,7 @@ def models():
 def run(quick: bool = False) -> dict:
     """Counts every model / head set / CFG case (``quick``: SD3-medium, one head set) plus HeadHunter's FLOPs per
     candidate (not in ``quick``). Returns ``{"results": [...], "hunt": ..., "seconds": ...}``."""
-    from headpag.layers import list_layers
+    from headpag import list_layers
 
     start = time.perf_counter()
     entries = []

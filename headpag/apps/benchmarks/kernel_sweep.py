@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -177,22 +178,51 @@ def peak_memory_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def measure(case: Case, impl: str, rounds: int | None = None) -> dict:
-    """Checks, then times one impl on one case; a JSON-ready record (no ratio: see ``run``)."""
+@dataclass
+class Measurement:
+    """One impl on one case, checked and ready to time: ``record`` (the case, the check's max |diff|, CUDA peak
+    memory), the call ``fn``, and ``rounds`` timed rounds of ``calls`` calls each."""
+
+    case: Case
+    impl: str
+    record: dict
+    fn: Callable
+    rounds: int
+    calls: int
+
+    def one_round(self) -> None:
+        """``calls`` calls, then (CUDA) a synchronisation: what one timed round runs."""
+        for _ in range(self.calls):
+            self.fn()
+        if self.case.device == "cuda":
+            torch.cuda.synchronize()
+
+    def result(self, seconds_per_call: list[float]) -> dict:
+        """The JSON-ready record with the timing statistics (no ratio: see ``run``)."""
+        return dict(self.record, **timed(self.case, self.impl, seconds_per_call, self.calls))
+
+
+def prepare(case: Case, impl: str, rounds: int | None = None) -> Measurement:
+    """Checks one impl on one case against the oracle and sizes its rounds."""
     q, k, v = inputs(case)
     fn = op(case, impl, q, k, v)
     record = dict(group=case.group, case=case.case, impl=impl, baseline=case.baseline, device=case.device,
                   B=case.B, H=case.H, N=case.N, D=case.D, dtype=dtype_name(case.dtype))
     record["max_abs_diff_vs_reference"] = check(case, impl, q, k, v)
-    sync = torch.cuda.synchronize if case.device == "cuda" else None
     auto_rounds, calls = rounds_for(fn, case)
     if rounds is None:
         rounds = 3 if impl == "reference" else auto_rounds
     if case.device == "cuda":
         fn()  # autotune before measuring memory: the autotuner's trial launches would count
         record["peak_mem_over_inputs_mib"] = peak_memory_mib(fn)
-    times = timing.time_rounds(fn, rounds=rounds, warmup=1, sync=sync, calls_per_round=calls)
-    return dict(record, **timed(case, impl, times, calls))
+    return Measurement(case, impl, record, fn, rounds, calls)
+
+
+def measure(case: Case, impl: str, rounds: int | None = None) -> dict:
+    """Checks, then times one impl on one case; a JSON-ready record (no ratio: see ``run``)."""
+    m = prepare(case, impl, rounds)
+    sync = torch.cuda.synchronize if case.device == "cuda" else None
+    return m.result(timing.time_rounds(m.fn, rounds=m.rounds, warmup=1, sync=sync, calls_per_round=m.calls))
 
 
 def timed(case: Case, impl: str, times: list[float], calls: int) -> dict:

@@ -1,6 +1,6 @@
 """``headpag demo``: head-level PAG on the embedded digits model, end to end on a CPU in a few minutes.
 
-Loads :class:`headpag.digits.DigitsPipeline` (the shipped weights) and the digit classifier, then generates the same
+Loads :class:`headpag.apps.digits.DigitsPipeline` (the shipped weights) and the digit classifier, then generates the same
 images (every digit 0-9 x ``seeds`` seeds, the same initial noise in every setting) with:
 
 - ``none``: no guidance at all (CFG off, no PAG) - the baseline;
@@ -119,7 +119,7 @@ def run_demo(config: DemoConfig | None = None, *, log=print) -> dict:
 
 
 def _run(cfg: DemoConfig, log) -> dict:
-    from . import HeadSet, disable, enable_eager, enable_fused, hunt
+    from .. import HeadSet, disable, enable_eager, enable_fused, hunt
     from .digits import DigitObjective, load_pipeline
     from .digits.grid import save_grid
 

@@ -18,7 +18,7 @@ def load_classifier(path=None) -> DigitClassifier:
     """The shipped classifier (or one saved with ``save_pretrained`` at ``path``), in eval mode."""
     path = Path(CLASSIFIER_DIR if path is None else path)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"no digit classifier in {path}; train it with `python -m headpag.digits.train`")
+        raise FileNotFoundError(f"no digit classifier in {path}; train it with `python -m headpag.apps.digits.train`")
     return DigitClassifier.from_pretrained(str(path), low_cpu_mem_usage=False).eval().requires_grad_(False)
 
 

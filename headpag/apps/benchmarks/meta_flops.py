@@ -2,7 +2,7 @@
 
 ``FlopCounterMode`` counts matrix products (``2 * m * n * k``) on meta tensors, where SDPA runs the math path and
 ``headpag::perturbed_attention`` is costed by its registered formula (kernels/flops.py). On CPU tensors SDPA
-would count as 0 FLOPs, hence meta (DESIGN.md, "Testing without a GPU or a hub").
+would count as 0 FLOPs, hence meta.
 
 The models are built from real configs under ``with torch.device("meta")`` and wrapped in real
 ``StableDiffusion3Pipeline`` / ``FluxPipeline`` objects (no VAE, no text encoders, a real scheduler with 28
@@ -34,7 +34,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import headpag
-from headpag.layers import forward_units, list_layers
+from headpag import forward_units, list_layers
 
 SD3_MEDIUM = dict(
     sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
@@ -284,8 +284,6 @@ def hunt_candidate_flops(config: dict = SD3_MEDIUM) -> dict:
     one candidate per layer (head 0 of each) with fused per-row head sets, each twin forking at its own layer,
     against one candidate at a time with a separate perturbed forward (the paper's way; the same FLOPs for every
     layer: the whole second forward)."""
-    from headpag.layers import get_denoiser
-    from headpag.patch import _PATCHES
 
     pipe = sd3_pipe(config)
     pipe._guidance_scale = 1.0
@@ -293,7 +291,7 @@ def hunt_candidate_flops(config: dict = SD3_MEDIUM) -> dict:
     counts = {}
     headpag.enable_fused(pipe, "0:0", scale=SCALE)
     try:
-        _PATCHES[get_denoiser(pipe)].set_row_heads([headpag.HeadSet([(layer, 0)]) for layer in range(n_layers)])
+        headpag.set_row_heads(pipe, [headpag.HeadSet([(layer, 0)]) for layer in range(n_layers)])
         counts["fused_batched"] = _count(sd3_call(pipe, n_layers))[0] / n_layers
     finally:
         headpag.disable(pipe)

@@ -12,10 +12,9 @@ Every job has its own seeded generator, so a candidate's images do not depend on
 Successive halving (``strategy="halving"``, an approximation): score every candidate on a first slice of the
 prompt x seed pairs, keep the best half, extend their evaluation, repeat until the survivors have all pairs.
 
-Run directory (``out_dir``): ``settings.json`` (refuses a directory written with other settings; batch size and
-world size are not settings), ``records-rank{R}.jsonl`` (one JSON line per finished evaluation, flushed and
-fsynced; a rerun skips everything recorded), ``thumbs/L{layer}_H{head}.png`` (each candidate's first image in
-round 1), and at the end ``heads.json`` and ``summary.json``, written atomically.
+Run directory (``out_dir``, format in :mod:`headpag.search.run_dir`): the settings (a directory written with other
+settings is refused), one fsynced record per finished evaluation (a rerun skips everything recorded), round-1
+thumbnails, and at the end ``heads.json`` and ``summary.json``.
 
 Distributed: under ``torchrun`` (``torch.distributed`` initialised from the environment) the candidates of each
 round are sharded over the ranks; every rank writes its own records; rank 0 merges and picks, and the choice is
@@ -24,7 +23,6 @@ broadcast.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -35,13 +33,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .atlas import read_records
-from .heads import HeadSet
-from .layers import list_layers, model_class_name
+from ..archs import call_pattern_of, get_denoiser, list_layers
+from ..guided import EXECUTIONS, disable, enable, set_row_heads
+from ..guided.settings import check_scale
+from ..heads import HeadSet
+from ..kernels import MODES
+from . import run_dir as runs
 from .objectives import check_scores
-from .guidance import check_scale
-from .patch import _PATCHES, MODES, disable, enable_eager, enable_fused
-from .layers import get_denoiser
 
 STRATEGIES = ("exact", "halving")
 Head = tuple[int, int]
@@ -79,62 +77,6 @@ class _Job:
     pair: int  # index into the prompt x seed pairs
 
 
-# --- settings and the run directory --------------------------------------------------------------------------------
-
-def _settings_record(pipe, prompts, seeds, k, rounds, candidates, init, scale, u, mode, guidance_scale,
-                     num_inference_steps, strategy, objective) -> dict:
-    layers = list_layers(pipe)
-    return {
-        "format": "headpag-hunt", "version": 1,
-        "model_class": model_class_name(pipe),
-        "heads_per_layer": [layer.heads for layer in layers],
-        "layer_names": [layer.name for layer in layers],
-        "prompts": list(prompts), "seeds": list(seeds), "k": k, "rounds": rounds,
-        "candidates": [list(h) for h in candidates], "init": [[l, h, c] for l, h, c in init] if init else [],
-        "scale": scale, "u": u, "mode": mode, "guidance_scale": guidance_scale,
-        "num_inference_steps": num_inference_steps, "strategy": strategy,
-        "objective": getattr(objective, "name", getattr(objective, "__name__", type(objective).__name__)),
-    }
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _prepare_run_dir(out_dir: Path, settings: dict, rank: int) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "settings.json"
-    if path.exists():
-        existing = json.loads(path.read_text())
-        diff = sorted(key for key in set(existing) | set(settings) if existing.get(key) != settings.get(key))
-        if diff:
-            raise ValueError(
-                f"run directory {out_dir} was written with other search settings (differing: {', '.join(diff)}); use a "
-                f"new out_dir or the original settings"
-            )
-    elif rank == 0:
-        _write_atomic(path, json.dumps(settings, indent=1))
-
-
-def _drop_partial_line(path: Path) -> None:
-    """Cuts a half-written last line (a run interrupted mid-write) so that appending starts on a fresh line."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-
-
-def _state_key(selected: Sequence[Head]) -> str:
-    return ",".join(f"{l}:{h}" for l, h in sorted(selected))
-
-
 # --- images ---------------------------------------------------------------------------------------------------------
 
 def _as_tensor_images(images) -> torch.Tensor:
@@ -146,13 +88,6 @@ def _as_tensor_images(images) -> torch.Tensor:
     else:
         t = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1) for im in images])
     return t.detach().float().cpu().clamp(0, 1)
-
-
-def _save_thumbnail(image: torch.Tensor, path: Path, size: int = 64) -> None:
-    from PIL import Image
-
-    arr = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(arr).resize((size, size)).save(path)
 
 
 # --- the search -----------------------------------------------------------------------------------------------------
@@ -177,31 +112,23 @@ class _Hunter:
         self.images_generated = 0
         self.generate_seconds = 0.0
         self.score_seconds = 0.0
-        self._record_file = None
+        self.records = runs.RecordWriter(out_dir, rank) if out_dir is not None else None
 
-    # records
     def record(self, entry: dict) -> None:
-        if self.out_dir is None:
-            return
-        if self._record_file is None:
-            path = self.out_dir / f"records-rank{self.rank}.jsonl"
-            _drop_partial_line(path)
-            self._record_file = open(path, "a")
-        self._record_file.write(json.dumps(entry) + "\n")
-        self._record_file.flush()
-        os.fsync(self._record_file.fileno())
+        if self.records is not None:
+            self.records.write(entry)
 
     def close(self) -> None:
-        if self._record_file is not None:
-            self._record_file.close()
+        if self.records is not None:
+            self.records.close()
 
     # generation
     def _call_kwargs(self) -> dict:
         kw = {"num_inference_steps": self.num_inference_steps, "output_type": "pt", **self.pipeline_kwargs}
         if self.guidance_scale is not None:
             kw["guidance_scale"] = self.guidance_scale
-        elif type(self.pipe).__name__ != "FluxPipeline":
-            kw["guidance_scale"] = 1.0  # CFG off, as in the paper (Flux keeps its distilled guidance)
+        else:
+            kw.update(call_pattern_of(self.pipe).cfg_off)  # CFG off, as in the paper
         return kw
 
     def generate(self, jobs: list[_Job], selected: dict[Head, float]) -> torch.Tensor:
@@ -211,8 +138,7 @@ class _Hunter:
             heads = dict(selected)
             heads[job.head] = self.u
             row_heads.append(HeadSet([(l, h, c) for (l, h), c in heads.items()]))
-        patch = _PATCHES[get_denoiser(self.pipe)]
-        patch.set_row_heads(row_heads)
+        set_row_heads(self.pipe, row_heads)
         texts = [self.prompts[self.pairs[j.pair][0]] for j in jobs]
         generators = [torch.Generator(device="cpu").manual_seed(self.pairs[j.pair][1]) for j in jobs]
         start = time.perf_counter()
@@ -238,7 +164,7 @@ class _Hunter:
             self.score_seconds += time.perf_counter() - start
             for job, image, score in zip(batch, images, scores.tolist()):
                 if round_ == 1 and job.pair == 0 and self.out_dir is not None:
-                    _save_thumbnail(image, self.out_dir / "thumbs" / f"L{job.head[0]}_H{job.head[1]}.png")
+                    runs.save_thumbnail(image, runs.thumbnail_path(self.out_dir, job.head))
                 done.setdefault(job.head, {})[job.pair] = score
                 remaining[job.head] -= 1
                 if remaining[job.head] == 0:
@@ -251,6 +177,26 @@ class _Hunter:
                     })
                     progress.update(1)
         return done
+
+    def score_round(self, round_: int, stages, remaining: list[Head], selected: dict[Head, float],
+                    scores: dict[Head, dict[int, float]], k: int, progress) -> list[Head]:
+        """Scores this rank's share of the candidates through the stages (one stage for the exact search), updating
+        ``scores`` in place with every rank's results; returns the candidates of the last stage."""
+        survivors = remaining
+        state = runs.state_key(selected)
+        for stage, (_, n_eval) in enumerate(stages):
+            if stage > 0:
+                survivors = _top(_means(scores, survivors), max(k, math.ceil(len(survivors) / 2)))
+            mine = survivors[self.rank::self.world]
+            jobs = [_Job(h, p) for h in mine for p in range(n_eval) if p not in scores[h]]
+            progress.total += len(mine)
+            progress.update(sum(1 for h in mine if all(p in scores[h] for p in range(n_eval))))
+            for head, new in self.evaluate(jobs, selected, round_, progress).items():
+                scores[head].update(new)
+            _barrier()
+            if self.world > 1:
+                scores.update(runs.merged_scores(self.out_dir, round_, state, scores))
+        return survivors
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -335,33 +281,9 @@ def hunt(
     """
     from tqdm.auto import tqdm
 
-    prompts = list(prompts)
-    seeds = list(seeds)
-    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty strings")
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
-        raise ValueError(f"seeds must be a non-empty sequence of ints, got {seeds!r}")
-    check_scale(scale)
-    if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0.0 < float(u) <= 1.0:
-        raise ValueError(f"u must be a number in (0, 1] (the coefficient of a candidate head), got {u!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-    if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))):
-        raise ValueError(f"guidance_scale must be a number or None (CFG off), got {guidance_scale!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
-    if execution not in ("fused", "eager"):
-        raise ValueError(f"execution must be 'fused' or 'eager', got {execution!r}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if not callable(objective):
-        raise TypeError(f"objective must be a callable (images, prompts) -> scores, got {type(objective).__name__}")
-    if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be 'auto' or an int >= 1, got {batch_size!r}")
+    prompts, seeds = list(prompts), list(seeds)
+    _check_arguments(objective, prompts, seeds, k, rounds, scale, u, mode, guidance_scale, num_inference_steps,
+                     batch_size, strategy, execution)
     layers = list_layers(pipe)
     all_heads = HeadSet([(layer.index, "*") for layer in layers]).resolve(pipe)
     pool = [(l, h) for l, h, _ in (HeadSet.from_any(candidates).resolve(pipe) if candidates is not None else all_heads)]
@@ -372,20 +294,19 @@ def hunt(
         raise ValueError(f"k x rounds = {k * rounds} exceeds the {len(pool)} candidate heads")
 
     rank, world = _rank_and_world()
+    if world > 1 and out_dir is None:
+        raise ValueError("a distributed hunt needs out_dir: the ranks exchange their records through it")
     run_dir = Path(out_dir) if out_dir is not None else None
-    settings = _settings_record(pipe, prompts, seeds, k, rounds, pool, list(init_set) if init_set else [], scale, u,
+    settings = runs.settings_record(pipe, prompts, seeds, k, rounds, pool, list(init_set) if init_set else [], scale, u,
                                 mode, guidance_scale, num_inference_steps, strategy, objective)
     recorded: dict[tuple[int, str, Head], dict[int, float]] = {}
     if run_dir is not None:
-        _prepare_run_dir(run_dir, settings, rank)
+        runs.prepare(run_dir, settings, rank)
         _barrier()
-        (run_dir / "thumbs").mkdir(exist_ok=True)
-        for rec in read_records(run_dir):
-            key = (rec["round"], _state_key([tuple(h) for h in rec["selected"]]), tuple(rec["candidate"]))
-            recorded.setdefault(key, {}).update(dict(zip(rec["pairs"], rec["scores"])))
+        recorded = _recorded_scores(run_dir)
 
     base = HeadSet([pool[0]])
-    (enable_fused if execution == "fused" else enable_eager)(pipe, base, scale=scale, mode=mode)
+    enable(pipe, base, execution=execution, scale=scale, mode=mode)
     hunter = _Hunter(pipe, objective, prompts, seeds, scale, u, mode, guidance_scale, num_inference_steps,
                      _auto_batch_size(pipe, len(pool) * len(prompts) * len(seeds)) if batch_size == "auto" else batch_size,
                      encode, run_dir, rank, world, verbose, pipeline_kwargs)
@@ -397,23 +318,11 @@ def hunt(
         for round_ in range(1, rounds + 1):
             remaining = [h for h in pool if h not in selected]
             images_exact += len(remaining) * n_pairs
-            state = _state_key(selected)
+            state = runs.state_key(selected)
             scores: dict[Head, dict[int, float]] = {h: dict(recorded.get((round_, state, h), {})) for h in remaining}
             stages = _stages(len(remaining), k, n_pairs) if strategy == "halving" else [(len(remaining), n_pairs)]
-            survivors = remaining
             with tqdm(total=0, desc=f"round {round_}/{rounds}", unit="cand", disable=not verbose or rank != 0) as progress:
-                for stage, (_, n_eval) in enumerate(stages):
-                    if stage > 0:
-                        survivors = _top(_means(scores, survivors), max(k, math.ceil(len(survivors) / 2)))
-                    mine = survivors[rank::world]
-                    jobs = [_Job(h, p) for h in mine for p in range(n_eval) if p not in scores[h]]
-                    progress.total += len(mine)
-                    progress.update(sum(1 for h in mine if all(p in scores[h] for p in range(n_eval))))
-                    for head, new in hunter.evaluate(jobs, selected, round_, progress).items():
-                        scores[head].update(new)
-                    _barrier()
-                    if world > 1:
-                        scores = _merged_scores(run_dir, round_, state, remaining, scores)
+                survivors = hunter.score_round(round_, stages, remaining, selected, scores, k, progress)
             means = _means(scores, survivors)
             added = _broadcast(_top(means, k) if rank == 0 else None)
             results.append(RoundResult(round_, sorted(selected), means, scores, added))
@@ -430,8 +339,7 @@ def hunt(
         hunter.images_generated, images_exact,
     )
     if run_dir is not None and rank == 0:
-        heads.save(run_dir / "heads.json", model=pipe)
-        _write_atomic(run_dir / "summary.json", json.dumps(_summary(result), indent=1))
+        runs.write_results(run_dir, heads, runs.summary_record(result), model=pipe)
     return result
 
 
@@ -450,30 +358,40 @@ def _stages(n_candidates: int, k: int, n_pairs: int) -> list[tuple[int, int]]:
 def _means(scores: dict[Head, dict[int, float]], heads: Sequence[Head]) -> dict[Head, float]:
     return {h: float(np.mean(list(scores[h].values()))) for h in heads if scores[h]}
 
+def _check_arguments(objective, prompts, seeds, k, rounds, scale, u, mode, guidance_scale, num_inference_steps,
+                     batch_size, strategy, execution) -> None:
+    """Every argument of :func:`hunt` that needs no model, checked before anything is written or generated."""
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty strings")
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise ValueError(f"seeds must be a non-empty sequence of ints, got {seeds!r}")
+    check_scale(scale)
+    if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0.0 < float(u) <= 1.0:
+        raise ValueError(f"u must be a number in (0, 1] (the coefficient of a candidate head), got {u!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))):
+        raise ValueError(f"guidance_scale must be a number or None (CFG off), got {guidance_scale!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if not callable(objective):
+        raise TypeError(f"objective must be a callable (images, prompts) -> scores, got {type(objective).__name__}")
+    if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be 'auto' or an int >= 1, got {batch_size!r}")
 
-def _merged_scores(run_dir, round_, state, remaining, scores):
-    """Every rank's records of this round (distributed runs write to the run directory)."""
-    if run_dir is None:
-        raise ValueError("a distributed hunt needs out_dir: the ranks exchange their records through it")
-    merged = {h: dict(v) for h, v in scores.items()}
-    for rec in read_records(run_dir):
-        if rec["round"] == round_ and _state_key([tuple(h) for h in rec["selected"]]) == state:
-            head = tuple(rec["candidate"])
-            if head in merged:
-                merged[head].update(dict(zip(rec["pairs"], rec["scores"])))
-    return merged
 
-
-def _summary(result: HuntResult) -> dict:
-    return {
-        "heads": [[l, h, u] for l, h, u in result.heads],
-        "rounds": [
-            {"round": r.round, "selected_before": [list(h) for h in r.selected_before],
-             "added": [list(h) for h in r.added],
-             "means": {f"{l}:{h}": m for (l, h), m in sorted(r.means.items())}}
-            for r in result.rounds
-        ],
-        "timings": result.timings,
-        "images_generated": result.images_generated,
-        "images_exact": result.images_exact,
-    }
+def _recorded_scores(run_dir: Path) -> dict[tuple[int, str, Head], dict[int, float]]:
+    """``{(round, state key, candidate): {pair: score}}`` of every record in the run directory (what a rerun skips)."""
+    recorded: dict[tuple[int, str, Head], dict[int, float]] = {}
+    for rec in runs.read_records(run_dir):
+        key = (rec["round"], runs.state_key([tuple(h) for h in rec["selected"]]), tuple(rec["candidate"]))
+        recorded.setdefault(key, {}).update(dict(zip(rec["pairs"], rec["scores"])))
+    return recorded

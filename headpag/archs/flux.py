@@ -1,0 +1,24 @@
+"""FLUX.1: ``FluxTransformer2DModel``.
+
+- Layers: ``transformer_blocks[i].attn`` for ``i < config.num_layers`` (double-stream blocks), then
+  ``single_transformer_blocks[j].attn`` (layer ``num_layers + j``); all joint attention with the text tokens
+  first. Fork unit: that block.
+- Text tokens: ``encoder_hidden_states`` ``(B, n_text, C)``, placed before the image tokens.
+- Timesteps: ``FluxPipeline`` passes ``t / 1000``.
+- Shared, not per-row: ``txt_ids`` / ``img_ids`` (the RoPE table) stay as they are; ``guidance`` (distilled
+  guidance embedding) is per row.
+- Real checkpoints: FLUX.1-dev 19 + 38 = 57 layers x 24 heads of 128.
+"""
+
+from diffusers import FluxTransformer2DModel
+
+from .blocks import TRANSFORMER_BLOCK_ROW_ARGS
+from .registry import Architecture, block_list, register_architecture
+
+FLUX = register_architecture(Architecture(
+    FluxTransformer2DModel, "joint", *block_list("transformer_blocks", "single_transformer_blocks", attention="attn"),
+    row_args=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance",
+              "joint_attention_kwargs", "controlnet_block_samples", "controlnet_single_block_samples"),
+    unit_row_args=dict.fromkeys(("FluxTransformerBlock", "FluxSingleTransformerBlock"), TRANSFORMER_BLOCK_ROW_ARGS),
+    text_arg="encoder_hidden_states", text_first=True, timestep_multiplier=1000.0,
+))

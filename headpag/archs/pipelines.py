@@ -1,0 +1,152 @@
+"""Pipeline call patterns: how a pipeline lays out the uncond, cond and (headpag's) twin rows of its denoiser calls.
+
+A pipeline is matched to a :class:`CallPattern` by its class or any base class (so subclasses work), registered
+with :func:`register_pipeline` by class or by class name. The built-in patterns:
+
+- ``"uncond_cond"``: one call per step, rows ``[uncond, cond]`` when ``pipe.do_classifier_free_guidance``, else
+  ``[cond]`` (SD, SDXL, SD3, their ControlNet pipelines);
+- ``"uncond_cond_local"``: the same, with classifier-free guidance read from the local variable
+  ``do_classifier_free_guidance`` of the running ``__call__`` (PixArt keeps no attribute for it);
+- ``"cond_uncond"``: rows ``[cond, uncond]``, the second half all null class labels under guidance (DiT);
+- ``"separate"``: the cond rows in one call under diffusers' ``cache_context("cond")``; with true CFG the uncond
+  rows in a second call under ``cache_context("uncond")``, which is shifted by the cond call's delta (Flux).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["CALL_PATTERNS", "CallPattern", "RowLayout", "call_pattern_of", "register_pipeline"]
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """The rows of one denoiser call as the pipeline made them.
+
+    ``n_base`` rows; ``cond`` and ``uncond`` are index ranges into them (``uncond`` None without CFG). A guided
+    call appends one perturbed twin per cond row after the base rows.
+    """
+
+    n_base: int
+    cond: range
+    uncond: range | None
+
+    @property
+    def n_rows(self) -> int:
+        """Rows of the guided call: the base rows plus one twin per cond row."""
+        return self.n_base + len(self.cond)
+
+    @property
+    def twins(self) -> range:
+        return range(self.n_base, self.n_rows)
+
+    def cond_index(self, device) -> torch.Tensor:
+        return torch.arange(self.cond.start, self.cond.stop, device=device)
+
+
+@dataclass(frozen=True)
+class CallPattern:
+    """How a pipeline lays out the rows of one denoiser call.
+
+    Attributes:
+        name: the pattern's name (one of :data:`CALL_PATTERNS` for the built-in ones).
+        cfg_off: pipeline keyword arguments that turn classifier-free guidance off (HeadHunter's default).
+    """
+
+    name: str
+    cfg_off: Mapping[str, Any]
+
+    def layout(self, pipe, denoiser: nn.Module, arguments: Mapping[str, Any], batch: int,
+               context: str | None) -> RowLayout | None:
+        """The rows of a call with bound ``arguments`` and ``batch`` rows made under cache context ``context``;
+        None for a call that is not an uncond / cond call of its own (it gets the step's delta added)."""
+        if self.name == "separate":
+            return None if context == "uncond" else RowLayout(batch, range(batch), None)
+        if self.name == "cond_uncond":
+            labels = arguments.get("class_labels")
+            null = denoiser.config.num_embeds_ada_norm
+            if batch % 2 == 0 and labels is not None and bool((labels[batch // 2:] == null).all()):
+                return RowLayout(batch, range(0, batch // 2), range(batch // 2, batch))
+            return RowLayout(batch, range(batch), None)
+        if getattr(pipe, "guidance_rescale", 0.0):
+            raise ValueError(
+                "guidance_rescale > 0 is not supported with headpag: it rescales against the cond prediction, which "
+                "the fold has moved; call the pipeline with guidance_rescale=0"
+            )
+        if self.name == "uncond_cond":
+            cfg = pipe.do_classifier_free_guidance
+        else:
+            cfg = _caller_local(pipe, "do_classifier_free_guidance")
+        if cfg:
+            return RowLayout(batch, range(batch // 2, batch), range(0, batch // 2))
+        return RowLayout(batch, range(batch), None)
+
+
+_CFG_SCALE_OFF = {"guidance_scale": 1.0}
+#: The built-in patterns by name (module docstring).
+CALL_PATTERNS: dict[str, CallPattern] = {
+    "uncond_cond": CallPattern("uncond_cond", _CFG_SCALE_OFF),
+    "uncond_cond_local": CallPattern("uncond_cond_local", _CFG_SCALE_OFF),
+    "cond_uncond": CallPattern("cond_uncond", _CFG_SCALE_OFF),
+    "separate": CallPattern("separate", {}),  # guidance_scale is Flux's distilled guidance; true CFG is off by default
+}
+
+
+def _caller_local(pipe, name: str):
+    """The local variable ``name`` of the innermost running method of ``pipe`` (its ``__call__``)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_locals.get("self") is pipe and name in frame.f_locals:
+            return frame.f_locals[name]
+        frame = frame.f_back
+    raise RuntimeError(f"{type(pipe).__name__}'s denoiser was called outside the pipeline's __call__: cannot tell its rows")
+
+
+_PIPELINES: dict[type | str, CallPattern] = {}
+
+
+def register_pipeline(pipeline: type | str, pattern: str | CallPattern) -> None:
+    """Registers the call pattern of a pipeline class (or a class name; subclasses match too).
+
+    ``pattern`` is a :class:`CallPattern` or the name of a built-in one: ``"uncond_cond"``,
+    ``"uncond_cond_local"``, ``"cond_uncond"`` or ``"separate"`` (module docstring).
+    """
+    if isinstance(pattern, str):
+        if pattern not in CALL_PATTERNS:
+            raise ValueError(f"pattern must be one of {sorted(CALL_PATTERNS)} or a CallPattern, got {pattern!r}")
+        pattern = CALL_PATTERNS[pattern]
+    if not isinstance(pattern, CallPattern):
+        raise TypeError(f"pattern must be a pattern name or a CallPattern, got {type(pattern).__name__}")
+    if not isinstance(pipeline, (type, str)):
+        raise TypeError(f"pipeline must be a pipeline class or a class name, got {type(pipeline).__name__}")
+    _PIPELINES[pipeline] = pattern
+
+
+def call_pattern_of(pipe) -> CallPattern:
+    """The call pattern of ``pipe``'s class or its nearest registered base class; ``TypeError`` when none is."""
+    for cls in type(pipe).__mro__:
+        for key in (cls, cls.__name__):
+            if key in _PIPELINES:
+                return _PIPELINES[key]
+    names = sorted(k if isinstance(k, str) else k.__name__ for k in _PIPELINES)
+    raise TypeError(
+        f"unsupported pipeline {type(pipe).__name__}: headpag knows the denoiser call patterns of {', '.join(names)} "
+        f"and their subclasses; headpag.register_pipeline(cls, pattern) adds a pipeline whose loop follows one of "
+        f"the patterns {sorted(CALL_PATTERNS)}"
+    )
+
+
+for _name in (
+    "StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline",
+    "StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline",
+):
+    register_pipeline(_name, "uncond_cond")
+register_pipeline("PixArtSigmaPipeline", "uncond_cond_local")
+register_pipeline("PixArtAlphaPipeline", "uncond_cond_local")
+register_pipeline("DiTPipeline", "cond_uncond")
+register_pipeline("FluxPipeline", "separate")

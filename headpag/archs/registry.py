@@ -1,0 +1,200 @@
+"""The architecture registry: what headpag knows about each denoiser class, and the layer tables built from it.
+
+A *layer* is one attention module whose heads can be perturbed. Every registered denoiser has one 0-based index
+space over its layers, in the order its forward pass calls them. A layer's *fork unit* is the outermost module of
+the denoiser's forward loop that holds it: from that unit on, the batch has to carry the perturbed twin rows.
+
+Each model family registers one :class:`Architecture` from its own module in this package; users add their own
+with :func:`register_architecture`. A model matches the most derived registered class in its MRO, so
+subclasses of a registered class are supported too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping
+
+from torch import nn
+
+__all__ = [
+    "Architecture", "LayerInfo", "architecture_of", "block_list", "forward_units", "get_denoiser", "list_layers",
+    "model_class_name", "register_architecture", "registered_architectures",
+]
+
+#: What a layer's attention covers: text and image tokens together (SD3, Flux), or image tokens only.
+LAYER_KINDS = ("joint", "self")
+
+#: Yields ``(attention module name, fork unit name)`` of every layer in forward order.
+LayerWalk = Callable[[nn.Module], Iterator[tuple[str, str]]]
+#: Names of the modules the denoiser's forward loop calls one after another, in forward order.
+UnitList = Callable[[nn.Module], list[str]]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything headpag knows about one denoiser class.
+
+    Attributes:
+        denoiser: the diffusers model class (subclasses match too).
+        kind: ``"joint"`` (a layer attends over text and image tokens) or ``"self"`` (image tokens only).
+        layers: the layer walk, ``model -> (attention module name, fork unit name)`` in forward order.
+        units: ``model -> [forward-loop unit names]`` in forward order (attention-free units included).
+        row_args: names of the denoiser forward's per-row arguments (widened with the twins at entry).
+        unit_row_args: per-row argument names of each forward-loop unit class, by class name.
+        sample_arg: name of the denoiser's noisy-sample argument (the first positional argument).
+        text_arg: the argument holding the text tokens ``(B, n_text, C)`` of joint attention, or None.
+        text_first: joint attention puts the text tokens first (Flux) rather than last (SD3).
+        timestep_multiplier: the pipeline passes ``scheduler timestep / timestep_multiplier`` to the denoiser.
+        side_pass_arg: an argument that, when given, marks a call as a side pass rather than an uncond / cond call
+            (SD3's ``skip_layers`` for skip-layer guidance); such calls are shifted by the step's delta, not forked.
+    """
+
+    denoiser: type
+    kind: str
+    layers: LayerWalk
+    units: UnitList
+    row_args: tuple[str, ...]
+    unit_row_args: Mapping[str, tuple[str, ...]]
+    sample_arg: str = "hidden_states"
+    text_arg: str | None = None
+    text_first: bool = False
+    timestep_multiplier: float = 1.0
+    side_pass_arg: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.denoiser.__name__
+
+    def unit_args(self, unit: nn.Module) -> tuple[str, ...]:
+        """The per-row arguments of a forward-loop unit, found by its class name along the MRO."""
+        for cls in type(unit).__mro__:
+            if cls.__name__ in self.unit_row_args:
+                return self.unit_row_args[cls.__name__]
+        raise TypeError(
+            f"{self.name}'s forward-loop unit is a {type(unit).__name__}, whose per-row arguments headpag does not "
+            f"know: add its class to unit_row_args of the registered Architecture"
+        )
+
+
+_REGISTRY: dict[type, Architecture] = {}
+
+
+def register_architecture(architecture: Architecture) -> Architecture:
+    """Registers (or replaces) the architecture of ``architecture.denoiser``; returns it."""
+    if not isinstance(architecture, Architecture):
+        raise TypeError(f"architecture must be a headpag.Architecture, got {type(architecture).__name__}")
+    if not isinstance(architecture.denoiser, type) or not issubclass(architecture.denoiser, nn.Module):
+        raise TypeError(f"Architecture.denoiser must be an nn.Module subclass, got {architecture.denoiser!r}")
+    if architecture.kind not in LAYER_KINDS:
+        raise ValueError(f"Architecture.kind must be one of {LAYER_KINDS}, got {architecture.kind!r}")
+    _REGISTRY[architecture.denoiser] = architecture
+    return architecture
+
+
+def registered_architectures() -> tuple[Architecture, ...]:
+    """Every registered architecture, in registration order."""
+    return tuple(_REGISTRY.values())
+
+
+def _lookup(obj: object) -> Architecture | None:
+    if not isinstance(obj, nn.Module):
+        return None
+    for cls in type(obj).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls]
+    return None
+
+
+def _unwrap(obj: object) -> object:
+    """The module inside a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``), else ``obj``."""
+    return getattr(obj, "_orig_mod", obj) if isinstance(obj, nn.Module) else obj
+
+
+def get_denoiser(model_or_pipe: object) -> nn.Module:
+    """The registered denoiser of ``model_or_pipe``.
+
+    ``model_or_pipe`` is a registered model (returned as is; a ``torch.compile`` wrapper is unwrapped) or a
+    pipeline whose ``transformer`` or ``unet`` attribute is one. Anything else raises ``TypeError`` listing the
+    registered classes.
+    """
+    obj = _unwrap(model_or_pipe)
+    if _lookup(obj) is not None:
+        return obj
+    found = ""
+    if not isinstance(obj, nn.Module):
+        for attr in ("transformer", "unet"):
+            denoiser = _unwrap(getattr(obj, attr, None))
+            if denoiser is None:
+                continue
+            if _lookup(denoiser) is not None:
+                return denoiser
+            found = f" (its .{attr} is a {type(denoiser).__name__})"
+            break
+    names = ", ".join(a.name for a in _REGISTRY.values())
+    raise TypeError(
+        f"unsupported model {type(model_or_pipe).__name__}{found}: expected one of {names}, or a pipeline whose "
+        ".transformer or .unet is one (headpag.register_architecture adds a class)"
+    )
+
+
+def architecture_of(model_or_pipe: object) -> Architecture:
+    """The registered :class:`Architecture` of a model or pipeline (``TypeError`` when there is none)."""
+    return _lookup(get_denoiser(model_or_pipe))
+
+
+def model_class_name(model_or_pipe: object) -> str:
+    """The registered class name of the denoiser (e.g. ``"SD3Transformer2DModel"``), for file headers."""
+    return architecture_of(model_or_pipe).name
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One PAG layer of a denoiser.
+
+    Attributes:
+        index: 0-based position in the denoiser's forward order (one index space per model).
+        name: the attention module's name as in ``model.named_modules()``, e.g. ``"transformer_blocks.3.attn"``.
+        heads: number of attention heads (``attn.heads``).
+        head_dim: channels per head (``attn.inner_dim // attn.heads``, the q projection's width per head).
+        kind: ``"joint"`` (text and image tokens) or ``"self"`` (image tokens), from the architecture.
+        fork_unit: name of the fork unit module (``model.get_submodule(fork_unit)``).
+    """
+
+    index: int
+    name: str
+    heads: int
+    head_dim: int
+    kind: str
+    fork_unit: str
+
+
+def list_layers(model_or_pipe: object) -> list[LayerInfo]:
+    """The PAG layers of a model or pipeline, in forward order (``result[i].index == i``)."""
+    model = get_denoiser(model_or_pipe)
+    arch = _lookup(model)
+    layers = []
+    for name, fork_unit in arch.layers(model):
+        attn = model.get_submodule(name)
+        heads = int(attn.heads)
+        layers.append(LayerInfo(len(layers), name, heads, int(attn.inner_dim) // heads, arch.kind, fork_unit))
+    return layers
+
+
+def forward_units(model_or_pipe: object) -> list[str]:
+    """Names of the modules the denoiser's forward loop calls one after another (the candidate fork units)."""
+    model = get_denoiser(model_or_pipe)
+    return _lookup(model).units(model)
+
+
+def block_list(*list_names: str, attention: str) -> tuple[LayerWalk, UnitList]:
+    """The walk and unit list of a denoiser whose forward loop runs the blocks of ``list_names`` in order, each
+    block holding one layer ``{list}.{i}.{attention}`` whose fork unit is the block itself."""
+
+    def units(model: nn.Module) -> list[str]:
+        return [f"{name}.{i}" for name in list_names for i in range(len(getattr(model, name)))]
+
+    def layers(model: nn.Module) -> Iterator[tuple[str, str]]:
+        for unit in units(model):
+            yield f"{unit}.{attention}", unit
+
+    return layers, units

@@ -1,0 +1,23 @@
+"""Stable Diffusion 3 / 3.5: ``SD3Transformer2DModel``.
+
+- Layer ``i`` is ``transformer_blocks[i].attn``: joint attention over image tokens then text tokens (text last).
+  SD3.5's dual-attention ``attn2`` (image only) is not a layer. Fork unit: ``transformer_blocks[i]``.
+- Text tokens: ``encoder_hidden_states`` ``(B, n_text, C)``; in ``mode="image"`` the identity covers the
+  image-image block of those joint maps.
+- Timesteps: the scheduler's, passed as they are.
+- A call with ``skip_layers`` is skip-layer guidance's extra pass, not an uncond / cond call.
+- Real checkpoints: SD3-medium 24 layers x 24 heads of 64.
+"""
+
+from diffusers import SD3Transformer2DModel
+
+from .blocks import TRANSFORMER_BLOCK_ROW_ARGS
+from .registry import Architecture, block_list, register_architecture
+
+SD3 = register_architecture(Architecture(
+    SD3Transformer2DModel, "joint", *block_list("transformer_blocks", attention="attn"),
+    row_args=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
+              "block_controlnet_hidden_states", "joint_attention_kwargs"),
+    unit_row_args={"JointTransformerBlock": TRANSFORMER_BLOCK_ROW_ARGS},
+    text_arg="encoder_hidden_states", side_pass_arg="skip_layers",
+))

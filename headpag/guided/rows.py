@@ -1,0 +1,78 @@
+"""Batch rows of a denoiser call: binding its arguments, widening the per-row ones with the twins, narrowing them.
+
+A guided call carries ``n_base`` rows (the pipeline's own ``[uncond, cond]``, ``[cond]`` or ``[cond, uncond]``)
+plus one perturbed *twin* per cond row, appended after them. Which arguments are per row is named per class by
+the architecture registry (never guessed from "leading dim == batch"): shared tensors such as Flux's ``txt_ids``
+/ ``img_ids`` or a 0-d timestep stay as they are. Inside a named argument, containers (dicts, lists, tuples:
+``added_cond_kwargs``, ControlNet residual lists, UNet skip tuples) are walked and every tensor whose leading
+dim is the row count is treated as per row.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+
+from ..archs import RowLayout
+
+
+def map_rows(value: Any, n: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Applies ``fn`` to every tensor in ``value`` (walking dicts, lists, tuples) whose leading dim is ``n``."""
+    if isinstance(value, torch.Tensor):
+        return fn(value) if value.dim() >= 1 and value.shape[0] == n else value
+    if isinstance(value, dict):
+        return {k: map_rows(v, n, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [map_rows(v, n, fn) for v in value]
+    if isinstance(value, tuple):
+        return tuple(map_rows(v, n, fn) for v in value)
+    return value
+
+
+def widen(value: Any, layout: RowLayout) -> Any:
+    """Appends a copy of the cond rows (the twins) to every per-row tensor of ``n_base`` rows."""
+    return map_rows(value, layout.n_base, lambda t: torch.cat([t, t[layout.cond.start:layout.cond.stop]]))
+
+
+def select_rows(value: Any, n: int, index: torch.Tensor) -> Any:
+    """Every per-row tensor of ``n`` rows, indexed by ``index`` (rows may repeat)."""
+    return map_rows(value, n, lambda t: t.index_select(0, index.to(t.device)))
+
+
+def take_rows(value: Any, n: int, rows: range) -> Any:
+    """Keeps ``rows`` of every per-row tensor of ``n`` rows."""
+    return map_rows(value, n, lambda t: t[rows.start:rows.stop])
+
+
+def bind(forward, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    """The arguments of a call ``forward(*args, **kwargs)`` by name (``bound.arguments``); defaults not applied.
+
+    ``forward`` is a bound method or a hook wrapper around one: its signature has no ``self``.
+    """
+    return inspect.signature(forward).bind_partial(*args, **kwargs)
+
+
+def map_arguments(bound: inspect.BoundArguments, names: tuple[str, ...], fn: Callable[[Any], Any]) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of the bound call with ``fn`` applied to the arguments called ``names`` (when given)."""
+    arguments = dict(bound.arguments)
+    for name in names:
+        if arguments.get(name) is not None:
+            arguments[name] = fn(arguments[name])
+    mapped = inspect.BoundArguments(bound.signature, arguments)
+    return mapped.args, mapped.kwargs
+
+
+def first_tensor(value: Any) -> torch.Tensor:
+    """The sample tensor of a denoiser's output: ``(sample,)`` tuples and ``*Output`` dataclasses alike."""
+    return value[0] if isinstance(value, (tuple, list)) else value.sample
+
+
+def replace_sample(value: Any, sample: torch.Tensor) -> Any:
+    """``value`` (tuple or ``*Output``) with its sample replaced."""
+    if isinstance(value, tuple):
+        return (sample, *value[1:])
+    if isinstance(value, list):
+        return [sample, *value[1:]]
+    return type(value)(sample=sample)

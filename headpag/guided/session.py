@@ -1,0 +1,213 @@
+"""A guided session: everything ``enable_fused`` / ``enable_eager`` attached to one pipeline, and the guided call.
+
+Everything is attached with diffusers' hook registry, so the denoiser keeps its identity, every processor stays
+the same object, and removing the session takes away exactly what was added:
+
+- the denoiser hook hands each call to :meth:`GuidedSession.denoise`, which decides whether this step is guided
+  (PAG interval, ``scale > 0``), finds the rows through the pipeline's call pattern, runs the guided forward and
+  folds ``delta = w * (cond - perturbed)`` into the uncond and cond rows;
+- fused: the per-row denoiser inputs are widened at entry with a twin of every cond row; every forward-loop unit
+  before the first *fork unit* that holds a selected head runs on the base rows only (its per-row inputs
+  narrowed, its outputs widened by copying the cond rows), so the twins cost nothing until the fork;
+- eager: a separate forward on the cond rows with the perturbed maps materialised (the paper's way), kept as
+  oracle and benchmark baseline;
+- a hook on each selected attention module routes its attention to the kernel.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..archs import (
+    LayerInfo, RowLayout, architecture_of, call_pattern_of, forward_units, get_denoiser, list_layers,
+)
+from ..heads import HeadSet
+from .call_state import CallShape, CallState
+from .fold import fold, guided_channels, in_interval, perturbation_delta, step_position
+from .hooks import ATTENTION_HOOK, DENOISER_HOOK, UNIT_HOOK, Attached, AttentionHook, DenoiserHook, UnitHook
+from .routing import check_default_processor
+from .rows import bind, first_tensor, map_arguments, replace_sample, take_rows, widen
+from .settings import Settings
+
+EXECUTIONS = ("fused", "eager")
+
+
+@dataclass(frozen=True)
+class GuidedStep:
+    """What one denoiser call does: ``kind`` is "shift" (a side pass, shifted by this step's delta), "fused"
+    (one forward with the twins) or "eager" (the base forward, then a separate perturbed forward); ``args`` /
+    ``kwargs`` are those of the perturbed forward."""
+
+    kind: str
+    layout: RowLayout | None
+    call: CallState | None
+    args: tuple
+    kwargs: dict
+
+
+class GuidedSession:
+    """The hooks and settings attached to one pipeline's denoiser (see the module docstring)."""
+
+    def __init__(self, pipe, denoiser: torch.nn.Module, execution: str, settings: Settings):
+        self.pipe_ref = weakref.ref(pipe)
+        self.denoiser = denoiser
+        self.arch = architecture_of(denoiser)
+        self.pattern = call_pattern_of(pipe)
+        self.fused = execution == "fused"
+        self.layers: list[LayerInfo] = list_layers(denoiser)
+        self.units = forward_units(denoiser)
+        self.unit_position = {unit: i for i, unit in enumerate(self.units)}
+        self.channels = guided_channels(denoiser)
+        self.call: CallState | None = None
+        self.row_heads: list[HeadSet] | None = None
+        self._step_delta: tuple[int, torch.Tensor] | None = None
+        self._step = -1
+        self.attached = Attached()
+        self.select(settings)
+        self.attached.add(denoiser, DenoiserHook(self), DENOISER_HOOK)
+        for position, unit in enumerate(self.units):
+            module = denoiser.get_submodule(unit)
+            self.attached.add(module, UnitHook(self, position, self.arch.unit_args(module)), UNIT_HOOK)
+
+    # --- settings -------------------------------------------------------------------------------------------
+    def heads_of(self, j: int) -> HeadSet:
+        """Head set of perturbed row ``j``."""
+        return self.row_heads[j % len(self.row_heads)] if self.row_heads else self.settings.heads
+
+    def fork_position_of(self, heads: HeadSet) -> int:
+        """Position in the forward loop of the first unit holding a head of ``heads``."""
+        return min(self.unit_position[self.layers[i].fork_unit] for i in heads.layers())
+
+    def select(self, settings: Settings, row_heads: list[HeadSet] | None = None) -> None:
+        """Takes ``settings`` (and optionally one head set per perturbed row): checks and hooks the selected
+        layers, unhooks layers no longer selected."""
+        indices = set(settings.heads.layers()).union(*(h.layers() for h in row_heads or ()))
+        selected = [self.layers[i] for i in sorted(indices)]
+        modules = {layer.name: self.denoiser.get_submodule(layer.name) for layer in selected}
+        for name, module in modules.items():
+            check_default_processor(name, module)
+        hooked = self.attached.modules(ATTENTION_HOOK)
+        for module in hooked:
+            if all(module is not m for m in modules.values()):
+                self.attached.remove(module, ATTENTION_HOOK)
+        for name, module in modules.items():
+            if all(module is not m for m in hooked):
+                self.attached.add(module, AttentionHook(self, name), ATTENTION_HOOK)
+        self.selected_layers = selected
+        self.settings = settings
+        self.row_heads = row_heads
+        self._call_states: dict[CallShape, CallState] = {}
+
+    def remove(self) -> None:
+        self.attached.remove_all(self.denoiser)
+
+    # --- the guided call -----------------------------------------------------------------------------------
+    def call_state(self, shape: CallShape) -> CallState:
+        """The call state of a batch shape, built once and reused every step (``torch.compile`` guards on it)."""
+        if shape not in self._call_states:
+            self._call_states[shape] = CallState(self, shape)
+        return self._call_states[shape]
+
+    # Under torch.compile the hook runs eagerly (reading the step and the rows needs host values); the model's own
+    # forward, which it calls, is compiled as a frame of its own: once per batch layout (fork / no fork).
+    @torch.compiler.disable(recursive=False)
+    def denoise(self, forward, args: tuple, kwargs: dict, context: str | None) -> Any:
+        step = self._decide(forward, args, kwargs, context)
+        if step is None:
+            return forward(*args, **kwargs)
+        if step.kind == "shift":
+            return self._shift(forward(*args, **kwargs))
+        if step.kind == "fused":
+            return self._fold(self._run_perturbed(step, forward), step.layout, None)
+        out = forward(*args, **kwargs)
+        return self._fold(out, step.layout, self._run_perturbed(step, forward))
+
+    def _run_perturbed(self, step: GuidedStep, forward):
+        """The perturbed forward of ``step`` with its call state visible to the unit and attention hooks."""
+        self.call = step.call
+        try:
+            return forward(*step.args, **step.kwargs)
+        finally:
+            self.call = None
+
+    @torch.compiler.disable
+    def _decide(self, forward, args: tuple, kwargs: dict, context: str | None) -> GuidedStep | None:
+        """What this call does, or None when it is not guided."""
+        pipe = self.pipe_ref()
+        settings = self.settings
+        bound = bind(forward, args, kwargs)
+        arguments = bound.arguments
+        timestep = arguments.get("timestep")
+        if self.arch.timestep_multiplier != 1.0:
+            timestep = timestep * self.arch.timestep_multiplier
+        timesteps = pipe.scheduler.timesteps
+        if isinstance(timestep, torch.Tensor) and timestep.device.type == "meta":
+            # Costing on the meta device: the step cannot be read, so every call of a non-empty interval is guided.
+            step = -1
+            guided = settings.scale > 0 and settings.interval[0] < settings.interval[1]
+        else:
+            step = step_position(timesteps, timestep)
+            guided = settings.scale > 0 and in_interval(step, len(timesteps), settings.interval)
+        if not guided:
+            return None
+        self._step = step
+        sample = arguments[self.arch.sample_arg]
+        side_pass = self.arch.side_pass_arg is not None and arguments.get(self.arch.side_pass_arg) is not None
+        layout = None if side_pass else self.pattern.layout(pipe, self.denoiser, arguments, sample.shape[0], context)
+        if layout is None:
+            return GuidedStep("shift", None, None, args, kwargs)
+        text = arguments.get(self.arch.text_arg) if self.arch.text_arg else None
+        n_text = text.shape[1] if isinstance(text, torch.Tensor) and text.dim() == 3 else 0
+        device = str(sample.device)
+        if self.fused:
+            call = self.call_state(CallShape(layout, layout.twins, layout.n_rows, n_text, device))
+            args, kwargs = map_arguments(bound, self.arch.row_args, lambda v: widen(v, layout))
+            return GuidedStep("fused", layout, call, args, kwargs)
+        call = self.call_state(CallShape(layout, range(len(layout.cond)), len(layout.cond), n_text, device))
+        args, kwargs = map_arguments(bound, self.arch.row_args, lambda v: take_rows(v, layout.n_base, layout.cond))
+        return GuidedStep("eager", layout, call, args, kwargs)
+
+    @torch.compiler.disable
+    def _shift(self, out):
+        if self._step_delta is None or self._step_delta[0] != self._step:
+            return out
+        sample = first_tensor(out)
+        return replace_sample(out, (sample.float() + self._step_delta[1]).to(sample.dtype))
+
+    @torch.compiler.disable
+    def _fold(self, out, layout: RowLayout, perturbed_out):
+        """Folds ``delta`` into the base rows of ``out``; the perturbed rows are ``out``'s twins (fused) or the
+        output of the separate perturbed pass (eager)."""
+        sample = first_tensor(out)
+        base = sample[: layout.n_base]
+        perturbed = sample[layout.n_base:] if perturbed_out is None else first_tensor(perturbed_out)
+        delta = perturbation_delta(base[layout.cond.start:layout.cond.stop], perturbed, self.settings.scale, self.channels)
+        self._step_delta = (self._step, delta)
+        return replace_sample(out, fold(base, layout, delta))
+
+
+_SESSIONS: "weakref.WeakKeyDictionary[torch.nn.Module, GuidedSession]" = weakref.WeakKeyDictionary()
+
+
+def session_of(pipe) -> GuidedSession | None:
+    """The session attached to ``pipe``'s denoiser, or None."""
+    return _SESSIONS.get(get_denoiser(pipe))
+
+
+def attach(pipe, execution: str, settings: Settings) -> GuidedSession:
+    """Replaces any session on ``pipe``'s denoiser by a new one."""
+    denoiser = get_denoiser(pipe)
+    detach(pipe)
+    session = _SESSIONS[denoiser] = GuidedSession(pipe, denoiser, execution, settings)
+    return session
+
+
+def detach(pipe) -> None:
+    """Removes the session of ``pipe``'s denoiser (no-op when there is none)."""
+    session = _SESSIONS.pop(get_denoiser(pipe), None)
+    if session is not None:
+        session.remove()
