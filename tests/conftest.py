@@ -1,4 +1,5 @@
-"""Shared setup for the kernel tests.
+"""Shared setup of every test folder: the kernel tests' interpreter mode and tolerances, and the fixtures used by
+more than one test file (helpers shared as code live in tests/support).
 
 ``TRITON_INTERPRET=1`` must be in the environment before triton is first imported (``triton.jit`` decides at
 decoration time whether a kernel is interpreted), so it is set here, before anything imports torch, triton or
@@ -11,7 +12,8 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import sys  # noqa: E402
 
-# The helpers in tests/tolerances.py are imported by name; make that work under any pytest --import-mode.
+# tests/support is imported as the package ``support`` from any
+# test folder; make that work under any pytest --import-mode.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # A plugin or an earlier import that loaded the kernel module without the variable would compile instead of
@@ -22,20 +24,6 @@ if _kernel_module is not None and type(_kernel_module._perturbed_attention_fwd).
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-from tolerances import TOLERANCES, QKV_VARIANTS, make_qkv, tolerance  # noqa: E402,F401
-
-
-@pytest.fixture
-def tolerances():
-    """``{dtype: (atol, rtol)}`` for comparisons against the float64 reference (tests/tolerances.py)."""
-    return TOLERANCES
-
-
-@pytest.fixture(name="make_qkv")
-def make_qkv_fixture():
-    """The q, k, v factory of tests/tolerances.py (random tensors in a layout, incl. non-contiguous views)."""
-    return make_qkv
 
 
 @pytest.fixture(autouse=True)
@@ -50,8 +38,24 @@ def _no_tf32():
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """Tiny models: one torch thread is faster than two on a shared 2-core CPU (no oversubscription)."""
+    """Tiny models: one torch thread avoids oversubscribing a small shared CPU."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A clean torch._dynamo state before and after the test (no compiled graphs or guards carried over)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dirs(tmp_path_factory):
+    """``(model_dir, processor_dir)`` of the tiny random CLIP of tests/support/tiny_clip.py, written once."""
+    from support.tiny_clip import save_tiny_clip
+
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))

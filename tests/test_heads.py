@@ -7,34 +7,23 @@ import math
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
 from headpag import HeadSet
 from headpag.heads import FORMAT, FORMAT_VERSION
-
-
-def sd3(**kw):
-    cfg = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-               num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16,
-               pos_embed_max_size=16)
-    cfg.update(kw)
-    cfg["caption_projection_dim"] = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    return SD3Transformer2DModel(**cfg)
+from support import models as M
 
 
 @pytest.fixture(scope="module")
 def model():
     """2 layers x 4 heads."""
     torch.manual_seed(0)
-    return sd3()
+    return M.sd3_transformer(num_layers=2)
 
 
 @pytest.fixture(scope="module")
 def flux():
     """3 layers x 2 heads, another class."""
-    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
-                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                  pooled_projection_dim=24, guidance_embeds=False, axes_dims_rope=(4, 6, 6))
+    return M.flux_transformer()
 
 
 # --- parsing ----------------------------------------------------------------------------------------------------
@@ -305,10 +294,10 @@ def test_load_refuses_other_shape(tmp_path, model):
     path = tmp_path / "heads.json"
     HeadSet("0:1").save(path, model)
     with pytest.raises(ValueError, match=r"different shape: file has 2 layers, SD3Transformer2DModel has 3"):
-        HeadSet.load(path, model=sd3(num_layers=3))
+        HeadSet.load(path, model=M.sd3_transformer(num_layers=3))
     with pytest.raises(ValueError, match=r"different shape: layer 0 \(transformer_blocks\.0\.attn\) has 4 heads in "
                                          r"the file, 2 in SD3Transformer2DModel"):
-        HeadSet.load(path, model=sd3(num_attention_heads=2, attention_head_dim=16))
+        HeadSet.load(path, model=M.sd3_transformer(num_layers=2, heads=2, head_dim=16))
     with pytest.raises(ValueError, match=r"different shape: file has 2 layers, the model has 3"):
         HeadSet.load(path, model=[4, 4, 4])
 

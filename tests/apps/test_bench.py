@@ -1,16 +1,17 @@
-"""``headpag bench`` and its suites (headpag.benchmarks): each runs here on tiny settings and is checked against
+"""``headpag bench`` and its suites (headpag.apps.benchmarks): each runs here on tiny settings and is checked against
 what it must report; the full-size FLOP section runs in its quick form."""
 
 from __future__ import annotations
 
 import json
 import statistics
+import time
 
 import pytest
 import torch
 
-from headpag.benchmarks import guided_step, kernel_sweep, report, roofline, timing
-from headpag.cli import build_parser
+from headpag.apps.benchmarks import guided_step, kernel_sweep, report, roofline, timing
+from headpag.apps.cli import main
 
 TINY_SD3 = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=8, attention_head_dim=8,
                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
@@ -63,42 +64,64 @@ def test_embed_in_readme(tmp_path):
     assert readme.read_text() == "no markers\n"
 
 
-def test_bench_cli(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        build_parser().parse_args(["bench", "--help"])
-    assert exit_info.value.code == 0
-    out = capsys.readouterr().out
-    assert all(option in out for option in ("--quick", "--out", "--sections", "--rounds", "--readme"))
-    args = build_parser().parse_args(["bench", "--quick", "--out", "x", "--sections", "flops", "cpu", "--rounds", "3"])
-    assert args.quick and args.out == "x" and args.sections == ["flops", "cpu"] and args.rounds == 3
-    assert args.func.__name__ == "cmd_bench"
-    assert build_parser().parse_args(["bench"]).sections == ["flops", "cpu", "gpu"]
+def test_bench_options_reach_the_report(monkeypatch, capsys):
+    """Every documented ``headpag bench`` option arrives in report.main (and the defaults when none is given); bad
+    values are refused by the parser, naming the option."""
+    calls = []
+    monkeypatch.setattr(report, "main", lambda **kwargs: calls.append(kwargs) or 0)
+    assert main(["bench", "--quick", "--out", "x", "--sections", "flops", "cpu", "--rounds", "3", "--readme", "R.md"]) == 0
+    assert main(["bench"]) == 0
+    assert calls == [dict(out_dir="x", sections=["flops", "cpu"], quick=True, rounds=3, readme="R.md"),
+                     dict(out_dir="bench/results", sections=["flops", "cpu", "gpu"], quick=False, rounds=None,
+                          readme=None)]
     for bad in (["--sections", "disk"], ["--rounds", "0"]):
         with pytest.raises(SystemExit):
-            build_parser().parse_args(["bench", *bad])
+            main(["bench", *bad])
         assert bad[0] in capsys.readouterr().err
+    assert len(calls) == 2
 
 
 # ---- guided step ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_step() -> dict:
-    return guided_step.run(TINY)
+def tiny_run() -> tuple[dict, dict]:
+    """The suite on the tiny setting, and what it measured: ``{contender: (seconds per round, seconds of the paired
+    CFG step before each round)}`` as time_contender returned them."""
+    measured = {}
+    real = guided_step.time_contender
+
+    def spy(name, *args, **kwargs):
+        measured[name] = real(name, *args, **kwargs)
+        return measured[name]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(guided_step, "time_contender", spy)
+        return guided_step.run(TINY), measured
 
 
-def test_guided_step_suite(tiny_step):
-    r = tiny_step
+@pytest.fixture(scope="module")
+def tiny_step(tiny_run) -> dict:
+    return tiny_run[0]
+
+
+def test_guided_step_suite(tiny_run):
+    r, measured = tiny_run
     assert r["setting"] == "tiny" and r["rounds"] == 2 and set(r["contenders"]) == set(guided_step.CONTENDERS)
     diffs = dict(r["max_abs_diffs"])  # checked before timing: agreeing pairs agree, PAG changes the step
     assert diffs.pop("ref_vs_cfg") == 0
     for key, diff in diffs.items():
         assert diff > guided_step.MIN_PAG_EFFECT if key.endswith("_vs_cfg") else diff <= 1e-4, (key, diff)
-    flops = guided_step.step_flops(TINY)
+    # the reported statistics are those of each contender's own measurements (ms), its ratios taken against the
+    # CFG step: the paired one timed just before each of its rounds, and the cfg contender's median
+    assert set(measured) == set(r["contenders"])
+    cfg_median = statistics.median(measured["cfg"][0])
     for name, c in r["contenders"].items():
-        assert c["rounds"] == 2 and c["min_ms"] <= c["median_ms"] <= c["max_ms"]
-        assert c["paired_ratio_to_cfg"]["min"] <= c["paired_ratio_to_cfg"]["median"] <= c["paired_ratio_to_cfg"]["max"]
-        assert c["flop_ratio_to_cfg"] == pytest.approx(flops[name] / flops["cfg"])
-        assert c["ratio_of_medians_to_cfg"] == pytest.approx(c["median_ms"] / r["contenders"]["cfg"]["median_ms"])
+        times, paired = measured[name]
+        assert c["rounds"] == len(times) == len(paired) == 2
+        assert (c["median_ms"], c["min_ms"], c["max_ms"]) == pytest.approx(
+            (1e3 * statistics.median(times), 1e3 * min(times), 1e3 * max(times)))
+        assert c["paired_ratio_to_cfg"]["median"] == pytest.approx(statistics.median(t / p for t, p in zip(times, paired)))
+        assert c["ratio_of_medians_to_cfg"] == pytest.approx(statistics.median(times) / cfg_median)
         assert c["roofline_h100_projection"]["kind"] == "projection"
         assert ("step_peak_mib" in c and c["process_peak_mib"] > 0) or "not_measured" in c
     # fused runs the twins from the fork unit on only; eager and diffusers run whole extra rows
@@ -155,14 +178,24 @@ def test_markdown_puts_projection_next_to_measured_gpu_step(tiny_step):
 
 # ---- kernel sweep -----------------------------------------------------------------------------------------------
 
-def test_kernel_sweep_runs_triton_and_torch_against_the_oracle():
+def test_kernel_sweep_runs_triton_and_torch_against_the_oracle(monkeypatch):
     cases = [kernel_sweep.Case(c, "cpu", 1, 2, 24, 16, torch.float32, ("sdpa", "torch", "triton", "reference"), n_text=5)
              for c in kernel_sweep.CASES]
+    measured = []  # seconds per call of every timed benchmark, in the order they ran
+
+    def spy(*args, **kwargs):
+        measured.append(real(*args, **kwargs))
+        return measured[-1]
+
+    real = timing.time_rounds
+    monkeypatch.setattr(timing, "time_rounds", spy)
     result = kernel_sweep.run("cpu", cases, rounds=1)
-    assert result["skipped_impls"] == [] and len(result["results"]) == 4 * 4
+    assert result["skipped_impls"] == [] and len(result["results"]) == len(measured) == 4 * 4
+    # each record's median is its own measurement, its ratio taken against the sdpa measurement of its case
+    medians = {(r["group"], r["impl"]): statistics.median(t) for r, t in zip(result["results"], measured)}
     for r in result["results"]:
-        assert r[f"ratio_to_{r['baseline']}"] == pytest.approx(
-            r["median_ms"] / next(x["median_ms"] for x in result["results"] if x["group"] == r["group"] and x["impl"] == "sdpa"))
+        assert r["median_ms"] == pytest.approx(1e3 * medians[r["group"], r["impl"]])
+        assert r[f"ratio_to_{r['baseline']}"] == pytest.approx(medians[r["group"], r["impl"]] / medians[r["group"], "sdpa"])
         if r["impl"] in ("torch", "triton"):
             assert r["max_abs_diff_vs_reference"] <= 1e-4
         if r["case"] == "identity" and r["impl"] in ("torch", "triton"):
@@ -191,6 +224,16 @@ def test_cuda_cases_cover_the_kernel_sweep():
 
 
 # ---- timing and roofline ----------------------------------------------------------------------------------------
+
+def test_time_rounds_measures_a_known_cost():
+    """Rounds of a 20 ms sleep time 20 ms per call (the scheduler may add a little, never take any away); the
+    untimed setup (a 200 ms sleep) and warm-up rounds are not counted."""
+    times = timing.time_rounds(lambda: time.sleep(0.02), rounds=3, warmup=1, setup=lambda: time.sleep(0.2),
+                               calls_per_round=2)
+    assert len(times) == 3 and all(0.02 <= t < 0.1 for t in times), times
+    s = timing.summary(times)
+    assert s["min_ms"] >= 20 and s["max_ms"] < 100
+
 
 def test_time_rounds_calls_and_summary():
     calls, setups, syncs = [], [], []
@@ -252,7 +295,7 @@ def test_a_failing_gpu_setting_keeps_the_rest_of_the_gpu_section(monkeypatch, ti
 
 def test_flux_true_cfg_counts_a_cond_and_an_uncond_call():
     """Flux with true CFG: CFG only is two 1-row calls; the twin row rides on the cond call only."""
-    from headpag.benchmarks import meta_flops
+    from headpag.apps.benchmarks import meta_flops
 
     config = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
                   num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,

@@ -5,47 +5,39 @@ model as the objective (no hub)."""
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
-import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler
 from PIL import Image
 
-import tiny_clip
+import headpag.search
+import headpag.search.objectives
 from headpag import HeadSet
-from headpag.cli import build_parser, main
+from headpag.apps import cli
+from headpag.apps.cli import build_parser, main
+from headpag.guided import api
+from support import models, tiny_clip
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
+    """The SD1.5 pipeline of tests/support/models.py in small (8/16 channels, one layer per block, 2 heads) with a
+    tiny CLIP text encoder, saved to disk."""
     root = tmp_path_factory.mktemp("sd15")
     encoder, tok = tiny_clip.text_encoder(root / "tokenizer_files", hidden_size=12)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(8, 16), norm_num_groups=4,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12,
-                                attention_head_dim=2)
-    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoder, tokenizer=tok, unet=unet,
-                                   scheduler=DDIMScheduler(clip_sample=False, set_alpha_to_one=False),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = models.sd15(text_encoder=encoder, tokenizer=tok, scheduler=DDIMScheduler(clip_sample=False, set_alpha_to_one=False),
+                       layers_per_block=1, block_out_channels=(8, 16), attention_head_dim=2)
     pipe.save_pretrained(root / "pipe")
     return str(root / "pipe")
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    return tiny_clip.save_tiny_clip(tmp_path_factory.mktemp("clip"))[0]
-
-
-def test_hunt_atlas_generate(model_dir, clip_dir, tmp_path, capsys):
+def test_hunt_atlas_generate(model_dir, tiny_clip_dirs, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n\na dog\n")
     run = tmp_path / "run"
     assert main(["hunt", "--model", model_dir, "--prompts", str(prompts), "--objective", "clip", "--objective-model",
-                 clip_dir, "--k", "1", "--rounds", "2", "--candidates", "0:*", "--steps", "2", "--seeds", "0", "1",
+                 tiny_clip_dirs[0], "--k", "1", "--rounds", "2", "--candidates", "0:*", "--steps", "2", "--seeds", "0", "1",
                  "--out", str(run), "--quiet"]) == 0
     assert "selected heads:" in capsys.readouterr().out
     heads = HeadSet.load(run / "heads.json")
@@ -65,15 +57,66 @@ def test_hunt_atlas_generate(model_dir, clip_dir, tmp_path, capsys):
     assert Image.open(out).size == (16, 16)
 
 
-def test_help_and_bad_arguments(capsys):
-    parser = build_parser()
-    for command in ("hunt", "generate", "atlas"):
-        with pytest.raises(SystemExit) as exit_:
-            parser.parse_args([command, "--help"])
-        assert exit_.value.code == 0
-    with pytest.raises(SystemExit):
-        parser.parse_args(["hunt", "--model", "m", "--prompts", "p", "--out", "o", "--strategy", "fastest"])
-    assert "invalid choice" in capsys.readouterr().err
+def test_hunt_options_reach_the_search(monkeypatch, tmp_path, capsys):
+    """Every documented ``headpag hunt`` option arrives where it configures something: the pipeline loader, the
+    objective factory or ``hunt`` itself."""
+    calls = []
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *args: calls.append(("load", *args)) or "PIPE")
+    monkeypatch.setattr(headpag.search.objectives, "get_objective",
+                        lambda name, **kwargs: calls.append(("objective", name, kwargs)) or "OBJECTIVE")
+
+    def fake_hunt(pipe, objective, prompts, **kwargs):
+        calls.append(("hunt", pipe, objective, prompts, kwargs))
+        return types.SimpleNamespace(heads=HeadSet("0:0"), images_generated=0, timings={"total": 0.0})
+
+    monkeypatch.setattr(headpag.search, "hunt", fake_hunt)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(" a cat \n\na dog\n")
+    init = tmp_path / "init.json"
+    HeadSet("1:0@0.5").save(init)
+    assert main(["hunt", "--model", "MODEL", "--device", "cpu", "--dtype", "bfloat16", "--steps", "7", "--scale", "2.5",
+                 "--mode", "image", "--guidance-scale", "1.5", "--prompts", str(prompts), "--objective", "clip",
+                 "--objective-model", "OM", "--objective-processor", "OP", "--k", "2", "--rounds", "3", "--seeds", "3",
+                 "4", "--u", "0.5", "--candidates", "0:*,2:1", "--init", str(init), "--batch-size", "5",
+                 "--strategy", "halving", "--out", "OUT", "--quiet"]) == 0
+    assert calls == [
+        ("load", "MODEL", "cpu", "bfloat16"),
+        ("objective", "clip", dict(model="OM", processor="OP")),
+        ("hunt", "PIPE", "OBJECTIVE", ["a cat", "a dog"], dict(
+            seeds=[3, 4], k=2, rounds=3, candidates=HeadSet("0:*,2:1"), init=HeadSet("1:0@0.5"), scale=2.5, u=0.5,
+            mode="image", guidance_scale=1.5, num_inference_steps=7, out_dir="OUT", batch_size=5, strategy="halving",
+            verbose=False)),
+    ]
+    assert "selected heads: 0:0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("scale", [2.5, 0.0])
+def test_generate_options_reach_the_pipeline(monkeypatch, tmp_path, scale):
+    """``headpag generate``: the loader gets --model/--device/--dtype, enable_fused the heads (a heads.json),
+    --scale, --u and --mode (not called at all with --scale 0), the pipeline call --prompt, --steps,
+    --guidance-scale and --seed; the image goes to --output and the pipeline is disabled after the call."""
+    events = []
+    monkeypatch.setattr(api, "_enable", lambda pipe, heads, scale, u, mode, interval, execution: events.append(
+        ("enable", pipe, heads, scale, u, mode, execution)))
+    monkeypatch.setattr(api, "detach", lambda pipe: events.append(("disable", pipe)))
+
+    class FakePipe:
+        def __call__(self, prompt, **kwargs):
+            events.append(("call", prompt, kwargs["num_inference_steps"], kwargs["guidance_scale"],
+                           kwargs["generator"].initial_seed()))
+            return types.SimpleNamespace(images=[Image.new("RGB", (5, 3), (255, 0, 0))])
+
+    pipe = FakePipe()
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *args: events.append(("load", *args)) or pipe)
+    heads = tmp_path / "heads.json"
+    HeadSet("1:0,2:1@0.5").save(heads)
+    out = tmp_path / "out.png"
+    assert main(["generate", "--model", "MODEL", "--device", "cpu", "--dtype", "float16", "--heads", str(heads),
+                 "--scale", str(scale), "--u", "0.25", "--mode", "image", "--steps", "7", "--guidance-scale", "1.5",
+                 "--seed", "11", "--prompt", "a cat", "--output", str(out)]) == 0
+    enabled = [("enable", pipe, HeadSet("1:0,2:1@0.5"), 2.5, 0.25, "image", "fused")] if scale else []
+    assert events == [("load", "MODEL", "cpu", "float16"), *enabled, ("call", "a cat", 7, 1.5, 11), ("disable", pipe)]
+    assert Image.open(out).size == (5, 3)
 
 
 def test_missing_model_says_how_to_point_at_a_local_copy(tmp_path):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from headpag.cli import build_parser, main
+from headpag.apps.cli import main
 
 SETTINGS = ("none", "cfg s=", "layer-pag", "head-pag", "softpag", "hunted")
 
@@ -14,14 +14,33 @@ SETTINGS = ("none", "cfg s=", "layer-pag", "head-pag", "softpag", "hunted")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_demo_help_explains_every_option(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        build_parser().parse_args(["demo", "--help"])
-    assert exit_.value.code == 0
-    text = capsys.readouterr().out
-    for option in ("--quick", "--seeds", "--steps", "--scale", "--u", "--layers", "--heads", "--hunt-rounds",
-                   "--hunt-k", "--hunt-seeds", "--out", "--guidance-scale"):
-        assert option in text
+class _Configured(Exception):
+    """Raised by the stand-in for run_demo, carrying the configuration it was given."""
+
+
+@pytest.mark.parametrize("quick", [False, True], ids=["full", "quick"])
+def test_demo_options_reach_the_configuration(monkeypatch, quick):
+    """Every documented ``headpag demo`` option ends up in the DemoConfig that run_demo gets; options not given
+    keep the defaults (of --quick when given, explicit options still overriding them)."""
+    from headpag.apps import demo
+
+    def fake_run_demo(config, log=print):
+        raise _Configured(config)
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    given = dict(seeds=3, steps=5, scale=2.5, u=0.25, layers="1,4", heads="0:1,5:3", mode="image", guidance_scale=1.5,
+                 cfg=3.5, hunt_rounds=4, hunt_k=3, hunt_seeds=6, threads=0, out="OUT")
+    argv = ["demo", *(["--quick"] if quick else [])]
+    for name, value in given.items():
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    with pytest.raises(_Configured) as got:
+        main(argv)
+    assert got.value.args[0] == demo.DemoConfig(**given, timing_repeats=1 if quick else 2)
+
+    with pytest.raises(_Configured) as got:
+        main(["demo", *(["--quick"] if quick else []), "--steps", "9"])
+    assert got.value.args[0] == (demo.DemoConfig.quick(steps=9) if quick else demo.DemoConfig(steps=9))
+    assert got.value.args[0].seeds == (2 if quick else 8)
 
 
 def test_quick_demo_writes_table_and_grid(tmp_path, capsys):

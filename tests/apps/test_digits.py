@@ -1,4 +1,4 @@
-"""The embedded digits model (headpag.digits): shipped weights, pipeline contract, headpag on it."""
+"""The embedded digits model (headpag.apps.digits): shipped weights, pipeline contract, headpag on it."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import headpag
-from headpag.digits import (
-    DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, WEIGHTS_DIR, DigitObjective, DigitsPipeline, load_classifier, load_pipeline,
-    parse_digits,
+from headpag.apps.digits import (
+    DEFAULT_GUIDANCE_SCALE, TRANSFORMER_CONFIG, WEIGHTS_DIR, DigitObjective, DigitsPipeline, load_classifier,
+    load_pipeline, parse_digits,
 )
-from headpag.patch import PIPELINE_ROW_LAYOUTS
+from headpag.archs import call_pattern_of
 
 # Measured with the shipped weights: at the default settings (CFG 2, 20 steps) the classifier recognises 50 of the 50
 # samples of test_samples_are_recognised (train.json: 200/200 at CFG 2, 96.5 % at CFG 1 i.e. without guidance);
@@ -39,21 +39,35 @@ def _gens(n, base=0):
     return [torch.Generator().manual_seed(base + i) for i in range(n)]
 
 
-def test_weights_ship_with_config_and_command():
+def _json(value):
+    """``value`` as it reads back from a JSON file (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def test_shipped_files_are_the_loaded_models(pipe):
+    """The weights directory holds what the code loads and trains: each config.json is the loaded model's config,
+    each safetensors file exactly its state dict, and the transformer was trained with the code's
+    TRANSFORMER_CONFIG; within the package's size budget."""
+    from safetensors.torch import load_file
+
     files = [p for p in WEIGHTS_DIR.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 10 * 2**20
-    assert any(p.suffix == ".safetensors" for p in (WEIGHTS_DIR / "pipeline" / "transformer").iterdir())
-    assert any(p.suffix == ".safetensors" for p in (WEIGHTS_DIR / "classifier").iterdir())
-    record = json.loads((WEIGHTS_DIR / "train.json").read_text())
-    assert record["command"].startswith("python -m headpag.digits.train")
-    assert record["wall_seconds"]["total"] <= 20 * 60
-    config = json.loads((WEIGHTS_DIR / "pipeline" / "transformer" / "config.json").read_text())
-    assert config["_class_name"] == "SD3Transformer2DModel"
-    assert config["num_layers"] >= 2 and config["num_attention_heads"] >= 2
+    for model, folder in ((pipe.transformer, WEIGHTS_DIR / "pipeline" / "transformer"),
+                          (load_classifier(), WEIGHTS_DIR / "classifier")):
+        config = json.loads((folder / "config.json").read_text())
+        assert config["_class_name"] == type(model).__name__
+        assert {k: v for k, v in config.items() if not k.startswith("_")} == {
+            k: _json(model.config[k]) for k in config if not k.startswith("_")}, folder
+        tensors = load_file(folder / "diffusion_pytorch_model.safetensors")
+        state = model.state_dict()
+        assert tensors.keys() == state.keys(), folder
+        for name, tensor in tensors.items():
+            assert torch.equal(state[name].to(tensor.dtype), tensor), f"{folder.name}: {name}"
+    assert _json({k: pipe.transformer.config[k] for k in TRANSFORMER_CONFIG}) == _json(TRANSFORMER_CONFIG)
 
 
 def test_pipeline_is_known_to_headpag(pipe):
-    assert PIPELINE_ROW_LAYOUTS["DigitsPipeline"] == "uncond_cond"
+    assert call_pattern_of(pipe).name == "uncond_cond"
     layers = headpag.list_layers(pipe)
     assert len(layers) == pipe.transformer.config.num_layers and all(l.kind == "joint" for l in layers)
     pipe(1, guidance_scale=1.0, num_inference_steps=1, output_type="pt")
@@ -64,7 +78,7 @@ def test_pipeline_is_known_to_headpag(pipe):
 
 def test_classifier_accuracy_on_held_out_digits():
     pytest.importorskip("sklearn")
-    from headpag.digits.model import load_sklearn_digits
+    from headpag.apps.digits.model import load_sklearn_digits
 
     record = json.loads((WEIGHTS_DIR / "train.json").read_text())
     _, _, x_test, y_test = load_sklearn_digits(seed=record["data"]["split_seed"])
@@ -136,12 +150,12 @@ def test_hunt_runs_with_the_classifier_objective(pipe, objective, tmp_path):
     assert len(result.heads) == 2 and result.images_generated == 5 * 2 + 4 * 2
     assert all(0 <= m <= 1 for r in result.rounds for m in r.means.values())
     assert (tmp_path / "heads.json").exists()
-    assert headpag.patch._patch_of(pipe) is None
+    assert not headpag.is_enabled(pipe)
 
 
 def test_objective_scores_real_digits():
     pytest.importorskip("sklearn")
-    from headpag.digits.model import load_sklearn_digits
+    from headpag.apps.digits.model import load_sklearn_digits
 
     _, _, x_test, y_test = load_sklearn_digits()
     images = (x_test[:40] / 16.0).repeat(1, 3, 1, 1)

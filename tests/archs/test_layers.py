@@ -7,9 +7,6 @@ import types
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DiTPipeline,
     DiTTransformer2DModel,
     FluxTransformer2DModel,
     PixArtTransformer2DModel,
@@ -20,66 +17,48 @@ from diffusers import (
 )
 
 from headpag import LayerInfo, list_layers
-from headpag.layers import SUPPORTED_CLASSES, get_denoiser
+from headpag.archs import get_denoiser, registered_architectures
+from support import models as M
 
 
-# --- tiny models and one forward each ----------------------------------------------------------------------------
+# --- tiny models (tests/support/models.py) and one forward each ----------------------------------------------------
 
 
-def sd3(**kw):
-    cfg = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-               num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16,
-               pos_embed_max_size=16)
-    return SD3Transformer2DModel(**{**cfg, **kw})
+def sd3():
+    return M.sd3_transformer(num_layers=2)
 
 
 def sd35():
-    return sd3(num_layers=3, dual_attention_layers=(0, 1), qk_norm="rms_norm")
+    return M.sd3_transformer(num_layers=3, dual_attention_layers=(0, 1), qk_norm="rms_norm")
 
 
-def flux():
-    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
-                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                  pooled_projection_dim=24, guidance_embeds=False, axes_dims_rope=(4, 6, 6))
+# UNet layouts: 32/64 channels, 2 heads per layer (legacy attention_head_dim) and 32-dim text.
+UNET = dict(block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=2)
 
 
 def unet_sd():
     """SD1.5 layout in small: cross-attention in the first down / last up block, layers_per_block=2."""
-    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
-                                block_out_channels=(32, 64), norm_num_groups=8,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                cross_attention_dim=32, attention_head_dim=2)
+    return M.unet(**UNET)
 
 
 def unet_all():
     """Cross-attention everywhere, heads per block (2, 4), two transformer blocks per Transformer2DModel in the
     second level (SDXL-style transformer_layers_per_block)."""
-    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(32, 64), norm_num_groups=8,
-                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                                cross_attention_dim=32, attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2))
+    return M.unet(**UNET | dict(layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4),
+                                transformer_layers_per_block=(1, 2)))
 
 
 def unet_no_mid():
-    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(32, 64), norm_num_groups=8,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), mid_block_type=None,
-                                cross_attention_dim=32, attention_head_dim=2)
+    return M.unet(**UNET, layers_per_block=1, mid_block_type=None)
 
 
 def pixart():
-    return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                    num_layers=2, cross_attention_dim=16, sample_size=8, patch_size=2,
-                                    caption_channels=12, norm_num_groups=4)
+    return M.pixart_transformer()
 
 
 def dit():
-    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                 num_layers=3, sample_size=8, patch_size=2, norm_num_groups=4,
-                                 num_embeds_ada_norm=1000)
+    return M.dit_transformer(heads=2)
 
 
 def run_forward(model):
@@ -116,7 +95,7 @@ def _tb(block, attention, k=0):
 CASES = {
     "sd3": (sd3, _blocks("transformer_blocks", 2, "attn"), [4] * 2, [8] * 2, "joint"),
     "sd35": (sd35, _blocks("transformer_blocks", 3, "attn"), [4] * 3, [8] * 3, "joint"),
-    "flux": (flux, _blocks("transformer_blocks", 1, "attn") + _blocks("single_transformer_blocks", 2, "attn"),
+    "flux": (M.flux_transformer, _blocks("transformer_blocks", 1, "attn") + _blocks("single_transformer_blocks", 2, "attn"),
              [2] * 3, [16] * 3, "joint"),
     "unet_sd": (unet_sd, [
         (_tb("down_blocks.0", 0), "down_blocks.0"),
@@ -223,11 +202,8 @@ def test_unet_cross_attention_is_never_a_layer():
 # importing torch.compile's machinery trips torch's own torch.jit.script_method deprecation warnings
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_pipeline_and_wrappers():
-    torch.manual_seed(0)
-    model = dit()
-    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4)
-    pipe = DiTPipeline(transformer=model, vae=vae, scheduler=DDIMScheduler())
+    pipe = M.dit(heads=2)
+    model = pipe.transformer
     assert get_denoiser(pipe) is model
     assert list_layers(pipe) == list_layers(model)
     unet = unet_no_mid()
@@ -255,5 +231,5 @@ def test_unsupported_raises(bad):
     obj = bad()
     with pytest.raises(TypeError, match="unsupported model") as err:
         list_layers(obj)
-    for name in SUPPORTED_CLASSES:
-        assert name in str(err.value)
+    for arch in registered_architectures():
+        assert arch.name in str(err.value)

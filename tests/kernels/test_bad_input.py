@@ -9,7 +9,7 @@ import torch
 
 from headpag.kernels import perturbed_attention, reference_attention
 from headpag.kernels import triton_kernel as triton_kernel_module
-from tolerances import make_qkv
+from support.qkv import make_qkv
 
 B, H, N, D = 2, 3, 17, 32
 

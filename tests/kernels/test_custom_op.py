@@ -7,16 +7,12 @@ import pytest
 import torch
 
 from headpag.kernels import perturbed_attention
-from tolerances import assert_matches, make_qkv
+from support.qkv import make_qkv
+from support.tolerances import assert_matches
 
 OP = torch.ops.headpag.perturbed_attention
 
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def recording_backend(graphs: list):

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from headpag.kernels import perturbed_attention, reference_attention
-from tolerances import QKV_VARIANTS, TOLERANCES, assert_matches, make_qkv, to_bhnd
+from support.qkv import QKV_VARIANTS, make_qkv, to_bhnd
+from support.tolerances import TOLERANCES, assert_matches
 
 BACKEND_DTYPES = {
     # The interpreter's bf16 tl.dot is broken, so bf16 runs on the torch path only; the kernel rejects fp64.

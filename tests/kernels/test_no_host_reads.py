@@ -9,8 +9,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import headpag
-import headpag.patch
-import pipelines as P
+import headpag.guided.hooks
+from support import models as P
 from headpag.kernels import perturbed_attention, perturbed_attention_from_plan
 from headpag.kernels.validation import prepare_u
 
@@ -88,7 +88,7 @@ def test_fused_pipeline_attention_reads_nothing(monkeypatch):
         calls.append(kwargs["plan"])
         return out
 
-    monkeypatch.setattr(headpag.patch, "perturbed_attention_from_plan", watched)
+    monkeypatch.setattr(headpag.guided.hooks, "perturbed_attention_from_plan", watched)
     pipe = P.sd3()
     headpag.enable_fused(pipe, "1:0,2:1@0.5", scale=2.0)
     P.run(pipe, P.sd3_inputs())

@@ -16,8 +16,9 @@ import torch
 from headpag.kernels import reference_attention
 from headpag.kernels.configs import INTERPRETER_CONFIG
 from headpag.kernels.triton_kernel import interpreting, triton_perturbed_attention
-from headpag.kernels.validation import normalize_u
-from tolerances import assert_matches, make_qkv
+from headpag.kernels.validation import prepare_u
+from support.qkv import make_qkv
+from support.tolerances import assert_matches
 
 BLOCK_M = INTERPRETER_CONFIG.BLOCK_M
 BLOCK_N = INTERPRETER_CONFIG.BLOCK_N
@@ -55,7 +56,7 @@ def expected_visits(N: int, u: torch.Tensor, mode: str, n_text: int = 0, text_fi
 def run(q, k, v, u, *, mode, n_text=0, text_first=False, layout="bhnd"):
     B, H = (q.shape[0], q.shape[1]) if layout == "bhnd" else (q.shape[0], q.shape[2])
     D = q.shape[-1]
-    u_t = normalize_u(u, B, H, q.device)
+    u_t, _ = prepare_u(u, B, H, q.device)
     out, visits = triton_perturbed_attention(
         q, k, v, u_t, layout=layout, mode=mode, n_text=n_text, text_first=text_first, scale=D**-0.5, count_visits=True
     )
@@ -95,7 +96,7 @@ def test_joint_identity_pairs_never_read_q_or_k():
     for t in (q, k):
         t[:, :, 0] = float("nan")
         t[:, :, 2] = float("nan")
-    u_t = normalize_u(u, B, H, q.device)
+    u_t, _ = prepare_u(u, B, H, q.device)
     out, visits = triton_perturbed_attention(
         q, k, v, u_t, layout="bnhd", mode="joint", n_text=0, text_first=False, scale=D**-0.5, count_visits=True
     )

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("matplotlib")
 from PIL import Image  # noqa: E402
 
-from headpag import atlas  # noqa: E402
+from headpag.search import atlas, run_dir as runs  # noqa: E402
 
 HEADS_PER_LAYER = [4, 4, 2]
 ALL_HEADS = [(layer, head) for layer, n in enumerate(HEADS_PER_LAYER) for head in range(n)]
@@ -78,7 +78,7 @@ def _mask(img, colour, tol=60):
 
 
 def test_read_records_all_ranks_and_skips_truncated_last_line(run_dir):
-    recs = atlas.read_records(run_dir)
+    recs = runs.read_records(run_dir)
     assert len(recs) == len(_records()) == 19
     assert sorted(tuple(r["candidate"]) for r in recs if r["round"] == 1) == ALL_HEADS
     assert all(isinstance(r["mean"], float) for r in recs)
@@ -87,7 +87,7 @@ def test_read_records_all_ranks_and_skips_truncated_last_line(run_dir):
 def test_read_records_truncated_only_line_and_blank_lines(run_dir):
     (run_dir / "records-rank1.jsonl").write_text('{"round": 1, "sel')
     (run_dir / "records-rank0.jsonl").write_text("\n" + json.dumps(_records()[0]) + "\n\n")
-    assert len(atlas.read_records(run_dir)) == 1
+    assert len(runs.read_records(run_dir)) == 1
 
 
 def test_read_records_malformed_middle_line_names_file_and_line(run_dir):
@@ -96,18 +96,18 @@ def test_read_records_malformed_middle_line_names_file_and_line(run_dir):
     lines[2] = lines[2][:30]
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"records-rank0\.jsonl line 3"):
-        atlas.read_records(run_dir)
+        runs.read_records(run_dir)
 
 
 def test_read_records_non_record_middle_line_raises(run_dir):
     path = run_dir / "records-rank1.jsonl"
     path.write_text('[1, 2]\n' + path.read_text())
     with pytest.raises(ValueError, match=r"records-rank1\.jsonl line 1"):
-        atlas.read_records(run_dir)
+        runs.read_records(run_dir)
 
 
 def test_read_records_empty_run_dir(tmp_path):
-    assert atlas.read_records(tmp_path) == []
+    assert runs.read_records(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------------------------- score grid
@@ -193,9 +193,33 @@ def test_score_heatmap_written_and_depends_on_scores(run_dir, tmp_path):
     assert (np.abs(changed - first).sum(axis=-1) > 30).mean() > 0.02
 
 
+def _box(mask):
+    """(y0, y1, x0, x1): the bounding box of a mask's pixels."""
+    ys, xs = np.nonzero(mask)
+    return ys.min(), ys.max(), xs.min(), xs.max()
+
+
 def test_score_heatmap_round_2(run_dir, tmp_path):
-    img = _rgb(atlas.score_heatmap(run_dir, tmp_path / "r2.png", round=2))
-    assert img.shape[0] > 100
+    """Round 2's picture: the red box moves to the head chosen in round 2 (layer 2 head 0: bottom row, first
+    column; round 1's is layer 0 head 1), and the cell of the head selected in round 1 (not a candidate any more)
+    turns light grey where round 1 drew its score."""
+    one = _rgb(atlas.score_heatmap(run_dir, tmp_path / "r1.png", round=1))
+    two = _rgb(atlas.score_heatmap(run_dir, tmp_path / "r2.png", round=2))
+    assert one.shape == two.shape
+    red_one, red_two = _mask(one, RED, tol=30), _mask(two, RED, tol=30)
+    assert red_one.sum() > 20 and red_two.sum() > 20
+    y0, y1, x0, x1 = _box(red_one)
+    v0, v1, u0, u1 = _box(red_two)
+    cell_h, cell_w = y1 - y0, x1 - x0  # a box is the size of a cell
+    # one cell to the left and two rows down (the titles differ, so the axes may move by a few pixels)
+    assert abs((u0 - x0) + cell_w) <= 0.1 * cell_w and abs((v0 - y0) - 2 * cell_h) <= 0.1 * cell_h
+    assert abs((v1 - v0) - cell_h) <= 0.1 * cell_h and abs((u1 - u0) - cell_w) <= 0.1 * cell_w
+
+    inside = (slice(y0 + 8, y1 - 8), slice(x0 + 8, x1 - 8))  # round 1's chosen cell, inside its box
+    grey = _mask(two[inside], (217, 217, 217), tol=3)  # 0.85 grey: not evaluated in round 2
+    assert grey.mean() > 0.5, grey.mean()
+    assert _mask(one[inside], (217, 217, 217), tol=3).mean() < 0.05  # round 1 drew a score there
+    assert (np.abs(two[inside] - one[inside]).sum(axis=-1) > 30).mean() > 0.5
 
 
 def test_make_atlas_writes_both(run_dir):

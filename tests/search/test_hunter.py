@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import headpag
-from headpag.hunter import hunt, read_records
-
-import pipelines
+from headpag.search import hunt
+from headpag.search.run_dir import read_records
+from support import models
 
 PROMPTS = ["a cat", "a dog"]
 SEEDS = (0, 1)
@@ -30,7 +30,7 @@ SCORE_TOL = 1e-5
 
 def _embeddings():
     g = torch.Generator().manual_seed(123)
-    return {p: (torch.randn(1, pipelines.TEXT_LEN, 32, generator=g), torch.randn(1, 16, generator=g)) for p in PROMPTS}
+    return {p: (torch.randn(1, models.TEXT_LEN, 32, generator=g), torch.randn(1, 16, generator=g)) for p in PROMPTS}
 
 
 EMBEDS = _embeddings()
@@ -50,7 +50,7 @@ COMMON = dict(seeds=SEEDS, num_inference_steps=2, encode=encode, pipeline_kwargs
 
 @pytest.fixture(scope="module")
 def pipe():
-    return pipelines.sd3(num_layers=3)
+    return models.sd3(num_layers=3)
 
 
 def _score_alone(pipe, heads, prompt, seed):
@@ -191,12 +191,12 @@ _DISTRIBUTED_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
     import torch
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{here!r}, {tests!r}]
     import test_hunter as t
-    import pipelines
-    from headpag.hunter import hunt
+    from support import models
+    from headpag.search import hunt
     torch.distributed.init_process_group("gloo")
-    pipe = pipelines.sd3(num_layers=3)
+    pipe = models.sd3(num_layers=3)
     result = hunt(pipe, t.brightness, t.PROMPTS, k=1, rounds=2, candidates="0:0,0:1,1:2,2:3", batch_size=2,
                   out_dir={out!r}, **t.COMMON)
     if torch.distributed.get_rank() == 0:
@@ -210,7 +210,8 @@ _DISTRIBUTED_SCRIPT = textwrap.dedent(
 
 def test_two_process_run_matches_single_process(pipe, tmp_path):
     script = tmp_path / "run.py"
-    script.write_text(_DISTRIBUTED_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "run"),
+    here = Path(__file__).parent
+    script.write_text(_DISTRIBUTED_SCRIPT.format(here=str(here), tests=str(here.parent), out=str(tmp_path / "run"),
                                                  result=str(tmp_path / "result.json")))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(

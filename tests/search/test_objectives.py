@@ -1,7 +1,7 @@
-"""headpag.objectives on a tiny random CLIP saved to disk (no hub, no network, CPU).
+"""headpag.search.objectives on a tiny random CLIP saved to disk (no hub, no network, CPU).
 
-The processor is built offline: a CLIPImageProcessor resizing to 32 x 32 and a CLIPTokenizer from a byte-level
-vocab.json/merges.txt written here (passed positionally: transformers 5.x ignores vocab_file=/merges_file=).
+The model and processor come from the ``tiny_clip_dirs`` fixture (tests/conftest.py, built by
+tests/support/tiny_clip.py): a CLIPImageProcessor resizing to 32 x 32 and a byte-level CLIPTokenizer.
 """
 
 import numpy as np
@@ -9,31 +9,23 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-import tiny_clip  # noqa: E402
 from transformers import CLIPModel  # noqa: E402
 
-from headpag.objectives import (  # noqa: E402
+from headpag.search.objectives import (  # noqa: E402
     ClipScore, ObjectiveLoadError, PickScore, Weighted, check_scores, get_objective,
 )
 
 PROMPTS = ["a photo of a cat", "a red car on a road", "an astronaut riding a horse, oil painting", "x"]
 
 
-@pytest.fixture(scope="session")
-def clip_dirs(tmp_path_factory):
-    """``(model_dir, processor_dir)``: a tiny random CLIPModel (its processor saved alongside) and the processor
-    alone in a second directory."""
-    return tiny_clip.save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+@pytest.fixture(scope="module")
+def pick(tiny_clip_dirs):
+    return PickScore(model=tiny_clip_dirs[0], processor=tiny_clip_dirs[1], device="cpu")
 
 
 @pytest.fixture(scope="module")
-def pick(clip_dirs):
-    return PickScore(model=clip_dirs[0], processor=clip_dirs[1], device="cpu")
-
-
-@pytest.fixture(scope="module")
-def clip(clip_dirs):
-    return ClipScore(model=clip_dirs[0], device="cpu")
+def clip(tiny_clip_dirs):
+    return ClipScore(model=tiny_clip_dirs[0], device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -59,18 +51,18 @@ def _reference_embeddings(model_dir, processor_dir, images, prompts):
     return model, img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
 
 
-def test_pickscore_matches_formula(pick, clip_dirs, images):
+def test_pickscore_matches_formula(pick, tiny_clip_dirs, images):
     scores = pick(images, PROMPTS)
     assert isinstance(scores, torch.Tensor) and scores.shape == (4,) and torch.isfinite(scores).all()
-    model, img, txt = _reference_embeddings(*clip_dirs, images, PROMPTS)
+    model, img, txt = _reference_embeddings(*tiny_clip_dirs, images, PROMPTS)
     expected = model.logit_scale.exp().detach() * (img @ txt.T).diagonal()
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_clipscore_matches_formula(clip, clip_dirs, images):
+def test_clipscore_matches_formula(clip, tiny_clip_dirs, images):
     scores = clip(images, PROMPTS)
     assert scores.shape == (4,) and torch.isfinite(scores).all() and (scores >= 0).all()
-    _, img, txt = _reference_embeddings(clip_dirs[0], clip_dirs[0], images, PROMPTS)
+    _, img, txt = _reference_embeddings(tiny_clip_dirs[0], tiny_clip_dirs[0], images, PROMPTS)
     expected = 100 * (img * txt).sum(-1).clamp(min=0)
     torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-5)
 
@@ -111,8 +103,8 @@ def test_weighted_is_weighted_sum(pick, clip, images):
         Weighted([])
 
 
-def test_get_objective(clip_dirs):
-    model_dir, processor_dir = clip_dirs
+def test_get_objective(tiny_clip_dirs):
+    model_dir, processor_dir = tiny_clip_dirs
     assert isinstance(get_objective("pickscore", model=model_dir, processor=processor_dir, device="cpu"), PickScore)
     assert isinstance(get_objective(" CLIP ", model=model_dir, device="cpu"), ClipScore)
 
@@ -140,10 +132,10 @@ def test_missing_model_offline(monkeypatch):
     assert 'PickScore(model="/path/to/PickScore_v1"' in message and "HF_HOME" in message
 
 
-def test_missing_processor_names_processor(clip_dirs, tmp_path, monkeypatch):
+def test_missing_processor_names_processor(tiny_clip_dirs, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ObjectiveLoadError, match="(?s)processor 'headpag-test/no-such-processor'.*local"):
-        PickScore(model=clip_dirs[0], processor="headpag-test/no-such-processor", device="cpu")
+        PickScore(model=tiny_clip_dirs[0], processor="headpag-test/no-such-processor", device="cpu")
     with pytest.raises(ObjectiveLoadError, match="(?s)ClipScore.*local"):
         ClipScore(model=str(tmp_path))  # a directory without a model
 

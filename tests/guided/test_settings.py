@@ -1,0 +1,126 @@
+"""The settings of a guided pipeline: the PAG interval widens only the guided steps; bad settings, unsupported
+pipelines and ``guidance_rescale`` are rejected (bad settings before any sampling)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline, StableDiffusion3PAGPipeline
+
+import headpag
+from support import models as M
+from support.checks import ENABLE, MIN_EFFECT, close, effect, patched, recorded_rows, snapshot, with_plain
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# ================================================================================================================
+# The PAG interval
+# ================================================================================================================
+
+
+@pytest.mark.parametrize("interval,guided_steps", [((0.0, 0.0), []), ((0.0, 0.5), [0, 1]), ((0.5, 1.0), [2, 3])])
+def test_interval_widens_only_guided_steps(interval, guided_steps):
+    pipe, inputs, plain = with_plain("sd3", steps=4)  # batch 1 with CFG: 2 base rows, 1 twin
+    last = pipe.transformer.transformer_blocks[-1]
+    outs = {}
+    for execution in ENABLE:
+        with patched(pipe, execution, "1:0,1:2", scale=3.0, interval=interval), recorded_rows({"last": last}) as log:
+            outs[execution] = M.run(pipe, inputs)
+        if execution == "fused":  # one call per step, widened to 3 rows on guided steps
+            assert log["last"] == [3 if i in guided_steps else 2 for i in range(4)]
+        else:  # the plain call, plus a separate 1-row perturbed call on guided steps
+            assert log["last"] == [n for i in range(4) for n in ([2, 1] if i in guided_steps else [2])]
+    if not guided_steps:
+        assert torch.equal(outs["fused"], plain) and torch.equal(outs["eager"], plain)
+    else:
+        assert effect(outs["eager"], plain) > MIN_EFFECT
+        close(outs["fused"], outs["eager"], "fp32", f"interval={interval}")
+
+
+# ================================================================================================================
+# Bad input is rejected before any sampling
+# ================================================================================================================
+
+
+class OtherPipeline(DiffusionPipeline):
+    def __init__(self, transformer, scheduler):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler)
+
+
+BAD_SETTINGS = {
+    "heads_layer_out_of_range": (dict(heads="3:0"), ValueError, "out of range"),
+    "heads_head_out_of_range": (dict(heads="1:4"), ValueError, "out of range"),
+    "heads_empty_string": (dict(heads=""), ValueError, "empty"),
+    "heads_empty_list": (dict(heads=[]), ValueError, "empty"),
+    "scale_nan": (dict(scale=float("nan")), ValueError, "scale"),
+    "scale_negative": (dict(scale=-1.0), ValueError, "scale"),
+    "scale_inf": (dict(scale=float("inf")), ValueError, "scale"),
+    "scale_bool": (dict(scale=True), TypeError, "scale"),
+    "u_negative": (dict(u=-0.1), ValueError, "u"),
+    "u_above_one": (dict(u=1.5), ValueError, "u"),
+    "u_nan": (dict(u=float("nan")), ValueError, "u"),
+    "interval_reversed": (dict(interval=(0.6, 0.4)), ValueError, "interval"),
+    "interval_below_zero": (dict(interval=(-0.1, 0.5)), ValueError, "interval"),
+    "interval_above_one": (dict(interval=(0.5, 1.5)), ValueError, "interval"),
+    "interval_nan": (dict(interval=(0.0, float("nan"))), ValueError, "interval"),
+    "interval_not_a_pair": (dict(interval=0.5), ValueError, "interval"),
+    "mode_unknown": (dict(mode="images"), ValueError, "mode"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SETTINGS))
+def test_bad_settings_raise_before_sampling(case):
+    kwargs, error, match = BAD_SETTINGS[case]
+    pipe = M.sd3()
+    before = snapshot(pipe)
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    settings = {"heads": "1:0"} | kwargs
+    heads = settings.pop("heads")
+    for enable in ENABLE.values():
+        with pytest.raises(error, match=match):
+            enable(pipe, heads, **settings)
+        with pytest.raises(error, match=match):
+            with headpag.fused(pipe, heads, **settings):
+                pytest.fail("the context manager entered")
+        assert snapshot(pipe) == before
+    assert not calls
+    # configure on a patched pipeline: raises and keeps the settings
+    inputs = M.sd3_inputs()
+    with patched(pipe, "fused", "1:0", scale=3.0):
+        expected = M.run(pipe, inputs)
+        n_calls = len(calls)
+        with pytest.raises(error, match=match):
+            headpag.configure(pipe, **kwargs)
+        assert len(calls) == n_calls
+        assert torch.equal(M.run(pipe, inputs), expected)
+    assert snapshot(pipe)["processors"] == before["processors"]
+
+
+def test_unsupported_pipelines_raise():
+    pipe = M.sd3()
+    pag = M.peer(pipe, StableDiffusion3PAGPipeline, pag_applied_layers=[r"blocks\.1\.attn$"])
+    other = OtherPipeline(transformer=pipe.transformer, scheduler=pipe.scheduler)
+    before = snapshot(pipe)
+    for bad in (pag, other):
+        for enable in ENABLE.values():
+            with pytest.raises(TypeError, match="unsupported pipeline"):
+                enable(bad, "1:0")
+        with pytest.raises(TypeError, match="unsupported pipeline"):
+            with headpag.fused(bad, "1:0"):
+                pytest.fail("the context manager entered")
+    assert snapshot(pipe) == before
+    with pytest.raises(TypeError):
+        headpag.enable_fused(torch.nn.Linear(2, 2), "0:0")
+
+
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_guidance_rescale_raises_at_call_time(model):
+    pipe, inputs = M.make(model)
+    for execution in ENABLE:
+        with patched(pipe, execution, "0:0", scale=3.0):
+            with pytest.raises(ValueError, match="guidance_rescale"):
+                M.run(pipe, {**inputs, "guidance_rescale": 0.7})
+            M.run(pipe, {**inputs, "guidance_rescale": 0.0})
