@@ -18,8 +18,6 @@ else:
     from .reference import reference_attention
     from .validation import codes_from_u
 
-    plan_from_u = codes_from_u  # the name of codes_from_u before the codes had their own name; kept for callers
-
     __all__ = [
         "HAS_TRITON",
         "IDENTITY",
@@ -30,6 +28,5 @@ else:
         "codes_from_u",
         "perturbed_attention",
         "perturbed_attention_from_plan",
-        "plan_from_u",
         "reference_attention",
     ]

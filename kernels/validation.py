@@ -162,11 +162,6 @@ def prepare_u(u: UType, B: int, H: int, device: torch.device) -> tuple[torch.Ten
     return staged.to(device, non_blocking=True), host
 
 
-def normalize_u(u: UType, B: int, H: int, device: torch.device) -> torch.Tensor:
-    """Only ``u_t`` of :func:`prepare_u`: ``u`` as a checked, contiguous float32 ``(B, H)`` tensor on ``device``."""
-    return prepare_u(u, B, H, device)[0]
-
-
 def codes_from_u(u: torch.Tensor) -> torch.Tensor:
     """The codes ``u`` implies: an int8 ``(B, H)`` CPU tensor of PLAIN / SOFT / IDENTITY for a readable
     ``(B, H)`` coefficient tensor."""
