@@ -1,7 +1,8 @@
 """What headpag knows about each model family (one module per denoiser class) and each pipeline's call pattern.
 
 Every module of this package other than the shared ones (``registry``, ``pipelines``, ``blocks``) describes one
-family and registers its :class:`Architecture` on import; adding a family means adding one module here.
+family: it registers its :class:`Architecture` and the call patterns of its diffusers pipelines on import. Adding a
+family means adding one module here; it is found and imported without being listed anywhere.
 """
 
 import importlib

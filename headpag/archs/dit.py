@@ -9,6 +9,7 @@
 from diffusers import DiTTransformer2DModel
 
 from .blocks import BASIC_BLOCK_ROW_ARGS
+from .pipelines import register_pipeline
 from .registry import Architecture, block_list, register_architecture
 
 DIT = register_architecture(Architecture(
@@ -16,3 +17,5 @@ DIT = register_architecture(Architecture(
     row_args=("hidden_states", "timestep", "class_labels", "cross_attention_kwargs"),
     unit_row_args={"BasicTransformerBlock": BASIC_BLOCK_ROW_ARGS},
 ))
+
+register_pipeline("DiTPipeline", "cond_uncond")

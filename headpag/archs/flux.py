@@ -13,6 +13,7 @@
 from diffusers import FluxTransformer2DModel
 
 from .blocks import TRANSFORMER_BLOCK_ROW_ARGS
+from .pipelines import register_pipeline
 from .registry import Architecture, block_list, register_architecture
 
 FLUX = register_architecture(Architecture(
@@ -22,3 +23,5 @@ FLUX = register_architecture(Architecture(
     unit_row_args=dict.fromkeys(("FluxTransformerBlock", "FluxSingleTransformerBlock"), TRANSFORMER_BLOCK_ROW_ARGS),
     text_arg="encoder_hidden_states", text_first=True, timestep_multiplier=1000.0,
 ))
+
+register_pipeline("FluxPipeline", "separate")  # true CFG: the uncond rows in a call of their own

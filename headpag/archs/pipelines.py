@@ -1,7 +1,8 @@
 """Pipeline call patterns: how a pipeline lays out the uncond, cond and (headpag's) twin rows of its denoiser calls.
 
 A pipeline is matched to a :class:`CallPattern` by its class or any base class (so subclasses work), registered
-with :func:`register_pipeline` by class or by class name. The built-in patterns:
+with :func:`register_pipeline` by class or by class name (each family module registers its diffusers pipelines by
+name, so that none has to be imported). The built-in patterns:
 
 - ``"uncond_cond"``: one call per step, rows ``[uncond, cond]`` when ``pipe.do_classifier_free_guidance``, else
   ``[cond]`` (SD, SDXL, SD3, their ControlNet pipelines);
@@ -140,13 +141,3 @@ def call_pattern_of(pipe) -> CallPattern:
         f"the patterns {sorted(CALL_PATTERNS)}"
     )
 
-
-for _name in (
-    "StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline",
-    "StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline",
-):
-    register_pipeline(_name, "uncond_cond")
-register_pipeline("PixArtSigmaPipeline", "uncond_cond_local")
-register_pipeline("PixArtAlphaPipeline", "uncond_cond_local")
-register_pipeline("DiTPipeline", "cond_uncond")
-register_pipeline("FluxPipeline", "separate")

@@ -9,6 +9,7 @@
 from diffusers import PixArtTransformer2DModel
 
 from .blocks import BASIC_BLOCK_ROW_ARGS
+from .pipelines import register_pipeline
 from .registry import Architecture, block_list, register_architecture
 
 PIXART = register_architecture(Architecture(
@@ -17,3 +18,6 @@ PIXART = register_architecture(Architecture(
               "attention_mask", "encoder_attention_mask"),
     unit_row_args={"BasicTransformerBlock": BASIC_BLOCK_ROW_ARGS},
 ))
+
+for _pipeline in ("PixArtAlphaPipeline", "PixArtSigmaPipeline"):
+    register_pipeline(_pipeline, "uncond_cond_local")

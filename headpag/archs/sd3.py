@@ -12,6 +12,7 @@
 from diffusers import SD3Transformer2DModel
 
 from .blocks import TRANSFORMER_BLOCK_ROW_ARGS
+from .pipelines import register_pipeline
 from .registry import Architecture, block_list, register_architecture
 
 SD3 = register_architecture(Architecture(
@@ -21,3 +22,5 @@ SD3 = register_architecture(Architecture(
     unit_row_args={"JointTransformerBlock": TRANSFORMER_BLOCK_ROW_ARGS},
     text_arg="encoder_hidden_states", side_pass_arg="skip_layers",
 ))
+
+register_pipeline("StableDiffusion3Pipeline", "uncond_cond")  # with skip-layer guidance

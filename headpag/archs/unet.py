@@ -15,6 +15,7 @@ from typing import Iterator
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from .pipelines import register_pipeline
 from .registry import Architecture, register_architecture
 
 
@@ -50,3 +51,7 @@ UNET = register_architecture(Architecture(
         "UpBlock2D": (*_RESNET, *_SKIPS),
     },
 ))
+
+for _pipeline in ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionControlNetPipeline",
+                  "StableDiffusionXLControlNetPipeline"):
+    register_pipeline(_pipeline, "uncond_cond")
