@@ -9,7 +9,7 @@ from .archs import (
     Architecture, CallPattern, LayerInfo, forward_units, get_denoiser, list_layers, register_architecture,
     register_pipeline,
 )
-from .guided import configure, disable, enable_eager, enable_fused, fused, is_enabled, set_row_heads
+from .guided import configure, disable, enable, enable_eager, enable_fused, fused, is_enabled, set_row_heads
 from .heads import HeadSet
 from .kernels import perturbed_attention, reference_attention
 from .search import HuntResult, hunt
@@ -24,6 +24,7 @@ __all__ = [
     "LayerInfo",
     "configure",
     "disable",
+    "enable",
     "enable_eager",
     "enable_fused",
     "forward_units",

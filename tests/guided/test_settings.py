@@ -124,3 +124,47 @@ def test_guidance_rescale_raises_at_call_time(model):
             with pytest.raises(ValueError, match="guidance_rescale"):
                 M.run(pipe, {**inputs, "guidance_rescale": 0.7})
             M.run(pipe, {**inputs, "guidance_rescale": 0.0})
+
+
+# ================================================================================================================
+# One head set per row (the public API HeadHunter and the benchmarks use)
+# ================================================================================================================
+
+
+def test_set_row_heads_guides_each_row_with_its_own_set():
+    """Rows of one batch with different head sets equal the same rows guided one set at a time, each twin forking
+    at its own layer; None goes back to the configured set."""
+    pipe, inputs, plain = with_plain("sd3", batch=2)
+    alone = {}
+    for heads in ("2:0", "0:*"):
+        with patched(pipe, "fused", heads, scale=3.0):
+            alone[heads] = M.run(pipe, inputs)
+    assert effect(alone["2:0"], alone["0:*"]) > MIN_EFFECT
+    with patched(pipe, "fused", "1:1", scale=3.0):
+        headpag.set_row_heads(pipe, ["2:0", "0:*"])
+        mixed = M.run(pipe, inputs)
+        headpag.set_row_heads(pipe, None)
+        configured = M.run(pipe, inputs)
+        with patched(pipe, "fused", "1:1", scale=3.0):
+            assert torch.equal(M.run(pipe, inputs), configured)
+    close(mixed[0], alone["2:0"][0], "fp32")
+    close(mixed[1], alone["0:*"][1], "fp32")
+    assert effect(configured, plain) > MIN_EFFECT
+
+
+def test_set_row_heads_and_enable_refuse_bad_input():
+    pipe = M.sd3()
+    with pytest.raises(ValueError, match="pipe is not patched"):
+        headpag.set_row_heads(pipe, ["1:0"])
+    with pytest.raises(ValueError, match=r"execution must be one of \('fused', 'eager'\), got 'lazy'"):
+        headpag.enable(pipe, "1:0", execution="lazy")
+    assert not headpag.is_enabled(pipe)
+    with patched(pipe, "fused", "1:0"):
+        assert headpag.is_enabled(pipe)
+        with pytest.raises(ValueError, match="head_sets must hold at least one head set"):
+            headpag.set_row_heads(pipe, [])
+        with pytest.raises(ValueError, match=r"head_sets\[1\] is empty"):
+            headpag.set_row_heads(pipe, ["1:0", ""])
+        with pytest.raises(ValueError, match="layer"):
+            headpag.set_row_heads(pipe, ["9:0"])
+    assert not headpag.is_enabled(pipe)
