@@ -14,7 +14,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from ..kernels import perturbed_attention_from_plan, reference_attention
-from .routing import PerturbedSDPA
+from .routing import LayerRoute, routed
 from .rows import bind, map_arguments, select_rows
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ class AttentionHook(ModelHook):
         if call is None:
             return forward(*args, **kwargs)
         attention = perturbed_attention_from_plan if self.session.fused else reference_attention
-        with PerturbedSDPA(attention, call.coefficients_for(self.layer), self.layer):
+        with routed(LayerRoute(attention, call.coefficients_for(self.layer), self.layer), module.processor):
             return forward(*args, **kwargs)
 
 

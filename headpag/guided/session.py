@@ -11,7 +11,8 @@ the same object, and removing the session takes away exactly what was added:
   narrowed, its outputs widened by copying the cond rows), so the twins cost nothing until the fork;
 - eager: a separate forward on the cond rows with the perturbed maps materialised (the paper's way), kept as
   oracle and benchmark baseline;
-- a hook on each selected attention module routes its attention to the kernel.
+- a hook on each selected attention module routes its attention to the kernel, whichever entry point the
+  processor uses (``routing.py``); a selected layer that made no routable attention call raises.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ..heads import HeadSet
 from .call_state import CallShape, CallState
 from .fold import fold, guided_channels, in_interval, perturbation_delta, step_position
 from .hooks import ATTENTION_HOOK, DENOISER_HOOK, UNIT_HOOK, Attached, AttentionHook, DenoiserHook, UnitHook
-from .routing import check_default_processor
+from .routing import DISPATCH_ROUTING, check_default_processor
 from .rows import bind, first_tensor, map_arguments, replace_sample, take_rows, widen
 from .settings import Settings
 
@@ -72,6 +73,7 @@ class GuidedSession:
         for position, unit in enumerate(self.units):
             module = denoiser.get_submodule(unit)
             self.attached.add(module, UnitHook(self, position, self.arch.unit_args(module)), UNIT_HOOK)
+        DISPATCH_ROUTING.acquire()
 
     # --- settings -------------------------------------------------------------------------------------------
     def heads_of(self, j: int) -> HeadSet:
@@ -104,6 +106,7 @@ class GuidedSession:
 
     def remove(self) -> None:
         self.attached.remove_all(self.denoiser)
+        DISPATCH_ROUTING.release()
 
     # --- the guided call -----------------------------------------------------------------------------------
     def call_state(self, shape: CallShape) -> CallState:
