@@ -12,7 +12,7 @@ subclasses of a registered class are supported too.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from torch import nn
 
@@ -44,7 +44,8 @@ class Architecture:
         sample_arg: name of the denoiser's noisy-sample argument (the first positional argument).
         text_arg: the argument holding the text tokens ``(B, n_text, C)`` of joint attention, or None.
         text_first: joint attention puts the text tokens first (Flux) rather than last (SD3).
-        timestep_multiplier: the pipeline passes ``scheduler timestep / timestep_multiplier`` to the denoiser.
+        scheduler_timestep: maps the denoiser's ``timestep`` argument back to the scheduler's timestep (the PAG
+            interval is read from its position in ``scheduler.timesteps``); None when the pipeline passes it as is.
         side_pass_arg: an argument that, when given, marks a call as a side pass rather than an uncond / cond call
             (SD3's ``skip_layers`` for skip-layer guidance); such calls are shifted by the step's delta, not forked.
     """
@@ -58,7 +59,7 @@ class Architecture:
     sample_arg: str = "hidden_states"
     text_arg: str | None = None
     text_first: bool = False
-    timestep_multiplier: float = 1.0
+    scheduler_timestep: Callable[[Any], Any] | None = None
     side_pass_arg: str | None = None
 
     @property

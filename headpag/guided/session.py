@@ -145,8 +145,8 @@ class GuidedSession:
         bound = bind(forward, args, kwargs)
         arguments = bound.arguments
         timestep = arguments.get("timestep")
-        if self.arch.timestep_multiplier != 1.0:
-            timestep = timestep * self.arch.timestep_multiplier
+        if self.arch.scheduler_timestep is not None:
+            timestep = self.arch.scheduler_timestep(timestep)
         timesteps = pipe.scheduler.timesteps
         if isinstance(timestep, torch.Tensor) and timestep.device.type == "meta":
             # Costing on the meta device: the step cannot be read, so every call of a non-empty interval is guided.
