@@ -16,6 +16,7 @@ DIT = register_architecture(Architecture(
     DiTTransformer2DModel, "self", *block_list("transformer_blocks", attention="attn1"),
     row_args=("hidden_states", "timestep", "class_labels", "cross_attention_kwargs"),
     unit_row_args={"BasicTransformerBlock": BASIC_BLOCK_ROW_ARGS},
+    processors=("AttnProcessor2_0",),
 ))
 
 register_pipeline("DiTPipeline", "cond_uncond")

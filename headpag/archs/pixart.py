@@ -17,6 +17,7 @@ PIXART = register_architecture(Architecture(
     row_args=("hidden_states", "encoder_hidden_states", "timestep", "added_cond_kwargs", "cross_attention_kwargs",
               "attention_mask", "encoder_attention_mask"),
     unit_row_args={"BasicTransformerBlock": BASIC_BLOCK_ROW_ARGS},
+    processors=("AttnProcessor2_0",),
 ))
 
 for _pipeline in ("PixArtAlphaPipeline", "PixArtSigmaPipeline"):

@@ -11,6 +11,7 @@ subclasses of a registered class are supported too.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
@@ -41,6 +42,9 @@ class Architecture:
         units: ``model -> [forward-loop unit names]`` in forward order (attention-free units included).
         row_args: names of the denoiser forward's per-row arguments (widened with the twins at entry).
         unit_row_args: per-row argument names of each forward-loop unit class, by class name.
+        processors: class names of the family's default attention processors: the ones accepted on a selected
+            layer (each makes one attention call, through ``dispatch_attention_fn`` or
+            ``F.scaled_dot_product_attention``, that is the layer's whole attention).
         sample_arg: name of the denoiser's noisy-sample argument (the first positional argument).
         text_arg: the argument holding the text tokens ``(B, n_text, C)`` of joint attention, or None.
         text_first: joint attention puts the text tokens first (Flux) rather than last (SD3).
@@ -56,25 +60,65 @@ class Architecture:
     units: UnitList
     row_args: tuple[str, ...]
     unit_row_args: Mapping[str, tuple[str, ...]]
+    processors: tuple[str, ...]
     sample_arg: str = "hidden_states"
     text_arg: str | None = None
     text_first: bool = False
     scheduler_timestep: Callable[[Any], Any] | None = None
     side_pass_arg: str | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.denoiser, type) or not issubclass(self.denoiser, nn.Module):
+            raise TypeError(f"Architecture.denoiser must be an nn.Module subclass, got {self.denoiser!r}")
+        if self.kind not in LAYER_KINDS:
+            raise ValueError(f"Architecture.kind must be one of {LAYER_KINDS}, got {self.kind!r}")
+        for field_name in ("layers", "units"):
+            if not callable(getattr(self, field_name)):
+                raise TypeError(f"Architecture.{field_name} must be a callable taking the model, got "
+                                f"{getattr(self, field_name)!r}")
+        _check_names("row_args", self.row_args)
+        _check_names("processors", self.processors)
+        if not isinstance(self.unit_row_args, Mapping) or not all(isinstance(k, str) for k in self.unit_row_args):
+            raise TypeError(f"Architecture.unit_row_args must map unit class names to tuples of argument names, got "
+                            f"{self.unit_row_args!r}")
+        for unit, names in self.unit_row_args.items():
+            _check_names(f"unit_row_args[{unit!r}]", names)
+        if not isinstance(self.text_first, bool):
+            raise TypeError(f"Architecture.text_first must be a bool, got {self.text_first!r}")
+        if self.scheduler_timestep is not None and not callable(self.scheduler_timestep):
+            raise TypeError(f"Architecture.scheduler_timestep must be a callable or None, got {self.scheduler_timestep!r}")
+        if self.kind == "joint" and self.text_arg is None:
+            raise ValueError("Architecture.text_arg must name the text-token argument of a 'joint' architecture "
+                             "(mode='image' reads the text length from it)")
+        parameters = inspect.signature(self.denoiser.forward).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        named = {"sample_arg": self.sample_arg, "text_arg": self.text_arg, "side_pass_arg": self.side_pass_arg}
+        named |= {f"row_args[{i}]": name for i, name in enumerate(self.row_args)}
+        for field_name, name in named.items():
+            if name is None and field_name in ("text_arg", "side_pass_arg"):
+                continue
+            if not isinstance(name, str) or (name not in parameters and not takes_any):
+                raise ValueError(f"Architecture.{field_name} must name an argument of {self.denoiser.__name__}.forward "
+                                 f"({', '.join(p for p in parameters if p != 'self')}), got {name!r}")
+
     @property
     def name(self) -> str:
         return self.denoiser.__name__
 
-    def unit_args(self, unit: nn.Module) -> tuple[str, ...]:
-        """The per-row arguments of a forward-loop unit, found by its class name along the MRO."""
+    def unit_args(self, unit: nn.Module, name: str = "") -> tuple[str, ...]:
+        """The per-row arguments of the forward-loop unit ``name``, found by its class name along the MRO."""
         for cls in type(unit).__mro__:
             if cls.__name__ in self.unit_row_args:
                 return self.unit_row_args[cls.__name__]
         raise TypeError(
-            f"{self.name}'s forward-loop unit is a {type(unit).__name__}, whose per-row arguments headpag does not "
-            f"know: add its class to unit_row_args of the registered Architecture"
+            f"{self.name}'s forward-loop unit {name or '?'} is a {type(unit).__name__}, whose per-row arguments "
+            f"headpag does not know: add its class to unit_row_args of the registered Architecture"
         )
+
+
+def _check_names(field_name: str, names) -> None:
+    if not isinstance(names, tuple) or not names or not all(isinstance(n, str) and n for n in names):
+        raise TypeError(f"Architecture.{field_name} must be a non-empty tuple of names, got {names!r}")
 
 
 _REGISTRY: dict[type, Architecture] = {}
@@ -84,10 +128,6 @@ def register_architecture(architecture: Architecture) -> Architecture:
     """Registers (or replaces) the architecture of ``architecture.denoiser``; returns it."""
     if not isinstance(architecture, Architecture):
         raise TypeError(f"architecture must be a headpag.Architecture, got {type(architecture).__name__}")
-    if not isinstance(architecture.denoiser, type) or not issubclass(architecture.denoiser, nn.Module):
-        raise TypeError(f"Architecture.denoiser must be an nn.Module subclass, got {architecture.denoiser!r}")
-    if architecture.kind not in LAYER_KINDS:
-        raise ValueError(f"Architecture.kind must be one of {LAYER_KINDS}, got {architecture.kind!r}")
     _REGISTRY[architecture.denoiser] = architecture
     return architecture
 

@@ -38,7 +38,7 @@ _RESNET = ("hidden_states", "temb")
 _SKIPS = ("res_hidden_states_tuple",)
 
 UNET = register_architecture(Architecture(
-    UNet2DConditionModel, "self", _layers, _units, sample_arg="sample",
+    UNet2DConditionModel, "self", _layers, _units, sample_arg="sample", processors=("AttnProcessor2_0",),
     row_args=("sample", "timestep", "encoder_hidden_states", "class_labels", "timestep_cond", "attention_mask",
               "cross_attention_kwargs", "added_cond_kwargs", "down_block_additional_residuals",
               "mid_block_additional_residual", "down_intrablock_additional_residuals", "encoder_attention_mask"),

@@ -29,20 +29,17 @@ import torch.nn.functional as F
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 from torch.overrides import TorchFunctionMode
 
-# Default processor classes by name (diffusers' own). The classic ``AttnProcessor`` is not one: it computes the
-# maps with ``baddbmm`` and a softmax, an attention call no entry point can take over.
-DEFAULT_PROCESSORS = {"AttnProcessor2_0", "JointAttnProcessor2_0", "FluxAttnProcessor"}
-
-
-def check_default_processor(name: str, attn: torch.nn.Module) -> None:
-    """Raises ``ValueError`` when the processor of the selected layer ``name`` is not a default one."""
+def check_default_processor(name: str, attn: torch.nn.Module, defaults: tuple[str, ...]) -> None:
+    """Raises ``ValueError`` when the processor of the selected layer ``name`` is not one of the family's
+    ``defaults`` (class names, from its architecture). The classic ``AttnProcessor`` never is: it computes the maps
+    with ``baddbmm`` and a softmax, an attention call no entry point can take over."""
     processor = getattr(attn, "processor", None)
     cls = type(processor).__name__
-    if cls not in DEFAULT_PROCESSORS:
+    if cls not in defaults:
         hint = (" (set AttnProcessor2_0, e.g. model.set_attn_processor(AttnProcessor2_0()): the classic AttnProcessor "
                 "never calls an attention function headpag can route)") if cls == "AttnProcessor" else ""
         raise ValueError(
-            f"layer {name} has processor {cls}, not one of the defaults {sorted(DEFAULT_PROCESSORS)}: headpag "
+            f"layer {name} has processor {cls}, not one of the defaults {sorted(defaults)}: headpag "
             f"perturbs the default attention only (IP-Adapter, fused QKV or custom processors are not supported "
             f"on selected layers; choose other heads or restore the default processor){hint}"
         )

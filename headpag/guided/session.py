@@ -68,11 +68,12 @@ class GuidedSession:
         self._step_delta: tuple[int, torch.Tensor] | None = None
         self._step = -1
         self.attached = Attached()
+        units = [denoiser.get_submodule(unit) for unit in self.units]
+        unit_args = [self.arch.unit_args(module, unit) for module, unit in zip(units, self.units)]  # raise before hooking
         self.select(settings)
         self.attached.add(denoiser, DenoiserHook(self), DENOISER_HOOK)
-        for position, unit in enumerate(self.units):
-            module = denoiser.get_submodule(unit)
-            self.attached.add(module, UnitHook(self, position, self.arch.unit_args(module)), UNIT_HOOK)
+        for position, (module, names) in enumerate(zip(units, unit_args)):
+            self.attached.add(module, UnitHook(self, position, names), UNIT_HOOK)
         DISPATCH_ROUTING.acquire()
 
     # --- settings -------------------------------------------------------------------------------------------
@@ -91,7 +92,7 @@ class GuidedSession:
         selected = [self.layers[i] for i in sorted(indices)]
         modules = {layer.name: self.denoiser.get_submodule(layer.name) for layer in selected}
         for name, module in modules.items():
-            check_default_processor(name, module)
+            check_default_processor(name, module, self.arch.processors)
         hooked = self.attached.modules(ATTENTION_HOOK)
         for module in hooked:
             if all(module is not m for m in modules.values()):

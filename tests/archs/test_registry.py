@@ -183,5 +183,5 @@ def test_register_pipeline_refuses_bad_input():
 
 def test_a_unit_class_the_architecture_does_not_know_is_named():
     arch = archs.architecture_of(M.sd3_transformer())
-    with pytest.raises(TypeError, match=r"forward-loop unit is a Linear.*unit_row_args"):
-        arch.unit_args(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=r"forward-loop unit transformer_blocks.0 is a Linear.*unit_row_args"):
+        arch.unit_args(torch.nn.Linear(2, 2), "transformer_blocks.0")
