@@ -31,9 +31,10 @@ def _layer(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] != "headpag":
         return None
-    if len(parts) == 1 or parts[1] == "__main__":
-        return "facade"
-    return {"heads": "heads"}.get(parts[1], parts[1])
+    layer = "facade" if len(parts) == 1 or parts[1] == "__main__" else parts[1]
+    if layer not in LAYERS:
+        raise AssertionError(f"{module}: unknown layer {layer!r}; add it to LAYERS in tests/test_layering.py")
+    return layer
 
 
 def _imports(path: Path, root: Path) -> list[tuple[int, str]]:
@@ -82,7 +83,9 @@ def violations(paths, root: Path = ROOT) -> list[str]:
             target = _known_submodule(target, root)
             other = _layer(target)
             where = f"{path.relative_to(root)}:{line} imports {target}"
-            if own == "kernels" and (target.split(".")[0] == "diffusers" or other not in (None, "kernels")):
+            if target.split(".")[0] == "kernels":
+                found.append(f"{where}: the op is headpag.kernels; a top-level 'kernels' must stay inert")
+            elif own == "kernels" and (target.split(".")[0] == "diffusers" or other not in (None, "kernels")):
                 found.append(f"{where}: kernels import nothing from diffusers or the rest of headpag")
             elif own == "apps" and other == "facade":
                 continue
@@ -109,24 +112,25 @@ def test_the_check_catches_an_upward_import(tmp_path):
     bad_guided = fake_root / "headpag" / "guided" / "bad.py"
     bad_guided.write_text("from ..search.hunter import hunt\n")
     bad_kernel = fake_root / "kernels" / "bad.py"
-    bad_kernel.write_text("import diffusers\nfrom headpag.guided import api\n")
+    bad_kernel.write_text("import diffusers\nfrom headpag.guided import api\nimport kernels.flops\n")
     fine = fake_root / "headpag" / "search" / "fine.py"
     fine.write_text("from ..guided import bad\nfrom . import hunter\n")
     found = violations([bad_guided, bad_kernel, fine], root=fake_root)
-    assert len(found) == 3, found
+    assert len(found) == 4, found
     assert "headpag/guided/bad.py:1 imports headpag.search.hunter: layer guided may not import layer search" in found
     assert sum("kernels import nothing" in f for f in found) == 2
+    assert sum("must stay inert" in f for f in found) == 1
+    (fake_root / "headpag" / "util.py").write_text("")
+    with pytest.raises(AssertionError, match="unknown layer 'util'"):
+        violations([fake_root / "headpag" / "util.py"], root=fake_root)
 
 
-@pytest.mark.parametrize("module", ["headpag.archs", "headpag.guided", "headpag.search", "headpag.kernels"])
-def test_layers_import_without_the_applications(module):
-    """Importing a layer (in a fresh interpreter) loads no module of the layers above it."""
+def test_importing_the_package_loads_no_application():
+    """``import headpag`` (the facade every layer's import goes through) loads nothing of headpag.apps: the CLI,
+    demo, digits model and benchmarks stay out of a library user's process."""
     import subprocess
     import sys
 
-    code = (
-        f"import sys, {module}; "
-        "print(sorted(m for m in sys.modules if m.startswith('headpag.apps')))"
-    )
+    code = "import sys, headpag; print(sorted(m for m in sys.modules if m.startswith('headpag.apps')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT.parent)
     assert out.stdout.strip() == "[]"

@@ -5,12 +5,15 @@ with :func:`register_pipeline` by class or by class name (each family module reg
 name, so that none has to be imported). The built-in patterns:
 
 - ``"uncond_cond"``: one call per step, rows ``[uncond, cond]`` when ``pipe.do_classifier_free_guidance``, else
-  ``[cond]`` (SD, SDXL, SD3, their ControlNet pipelines);
+  ``[cond]`` (SD, SDXL, SD3 and their variants);
 - ``"uncond_cond_local"``: the same, with classifier-free guidance read from the local variable
   ``do_classifier_free_guidance`` of the running ``__call__`` (PixArt keeps no attribute for it);
 - ``"cond_uncond"``: rows ``[cond, uncond]``, the second half all null class labels under guidance (DiT);
 - ``"separate"``: the cond rows in one call under diffusers' ``cache_context("cond")``; with true CFG the uncond
   rows in a second call under ``cache_context("uncond")``, which is shifted by the cond call's delta (Flux).
+
+Only the ``"separate"`` pattern reads the cache context. A family whose loop fits none of these subclasses
+:class:`CallPattern`, overrides :meth:`CallPattern.layout`, and registers an instance.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import torch
 from torch import nn
 
 __all__ = ["CALL_PATTERNS", "CallPattern", "RowLayout", "call_pattern_of", "register_pipeline"]
@@ -46,8 +48,9 @@ class RowLayout:
     def twins(self) -> range:
         return range(self.n_base, self.n_rows)
 
-    def cond_index(self, device) -> torch.Tensor:
-        return torch.arange(self.cond.start, self.cond.stop, device=device)
+
+#: The names of the built-in patterns (module docstring).
+PATTERN_NAMES = ("uncond_cond", "uncond_cond_local", "cond_uncond", "separate")
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,13 @@ class CallPattern:
 
     name: str
     cfg_off: Mapping[str, Any]
+
+    def __post_init__(self) -> None:
+        if type(self).layout is CallPattern.layout and self.name not in PATTERN_NAMES:
+            raise ValueError(f"CallPattern.name must be one of {PATTERN_NAMES} (or a subclass must override layout), "
+                             f"got {self.name!r}")
+        if not isinstance(self.cfg_off, Mapping):
+            raise TypeError(f"CallPattern.cfg_off must be a mapping of pipeline keyword arguments, got {self.cfg_off!r}")
 
     def layout(self, pipe, denoiser: nn.Module, arguments: Mapping[str, Any], batch: int,
                context: str | None) -> RowLayout | None:
@@ -119,7 +129,7 @@ def register_pipeline(pipeline: type | str, pattern: str | CallPattern) -> None:
     """
     if isinstance(pattern, str):
         if pattern not in CALL_PATTERNS:
-            raise ValueError(f"pattern must be one of {sorted(CALL_PATTERNS)} or a CallPattern, got {pattern!r}")
+            raise ValueError(f"pattern must be one of {list(PATTERN_NAMES)} or a CallPattern, got {pattern!r}")
         pattern = CALL_PATTERNS[pattern]
     if not isinstance(pattern, CallPattern):
         raise TypeError(f"pattern must be a pattern name or a CallPattern, got {type(pattern).__name__}")
@@ -138,6 +148,6 @@ def call_pattern_of(pipe) -> CallPattern:
     raise TypeError(
         f"unsupported pipeline {type(pipe).__name__}: headpag knows the denoiser call patterns of {', '.join(names)} "
         f"and their subclasses; headpag.register_pipeline(cls, pattern) adds a pipeline whose loop follows one of "
-        f"the patterns {sorted(CALL_PATTERNS)}"
+        f"the patterns {list(PATTERN_NAMES)}"
     )
 

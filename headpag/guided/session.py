@@ -34,14 +34,12 @@ from .routing import DISPATCH_ROUTING, check_default_processor
 from .rows import bind, first_tensor, map_arguments, replace_sample, take_rows, widen
 from .settings import Settings
 
-EXECUTIONS = ("fused", "eager")
-
-
 @dataclass(frozen=True)
-class GuidedStep:
-    """What one denoiser call does: ``kind`` is "shift" (a side pass, shifted by this step's delta), "fused"
-    (one forward with the twins) or "eager" (the base forward, then a separate perturbed forward); ``args`` /
-    ``kwargs`` are those of the perturbed forward."""
+class CallDecision:
+    """What one guided-step denoiser call does: ``kind`` is "shift" (a side pass, run as given and shifted by this
+    step's delta), "fused" (one forward with the twins) or "eager" (the base forward, then a separate perturbed
+    forward). ``args`` / ``kwargs``: the widened call (fused), the cond rows' call (eager) or the call as given
+    (shift)."""
 
     kind: str
     layout: RowLayout | None
@@ -120,26 +118,26 @@ class GuidedSession:
     # forward, which it calls, is compiled as a frame of its own: once per batch layout (fork / no fork).
     @torch.compiler.disable(recursive=False)
     def denoise(self, forward, args: tuple, kwargs: dict, context: str | None) -> Any:
-        step = self._decide(forward, args, kwargs, context)
-        if step is None:
+        decision = self._decide(forward, args, kwargs, context)
+        if decision is None:
             return forward(*args, **kwargs)
-        if step.kind == "shift":
+        if decision.kind == "shift":
             return self._shift(forward(*args, **kwargs))
-        if step.kind == "fused":
-            return self._fold(self._run_perturbed(step, forward), step.layout, None)
+        if decision.kind == "fused":
+            return self._fold(self._run_perturbed(decision, forward), decision.layout, None)
         out = forward(*args, **kwargs)
-        return self._fold(out, step.layout, self._run_perturbed(step, forward))
+        return self._fold(out, decision.layout, self._run_perturbed(decision, forward))
 
-    def _run_perturbed(self, step: GuidedStep, forward):
-        """The perturbed forward of ``step`` with its call state visible to the unit and attention hooks."""
-        self.call = step.call
+    def _run_perturbed(self, decision: CallDecision, forward):
+        """The perturbed forward of ``decision`` with its call state visible to the unit and attention hooks."""
+        self.call = decision.call
         try:
-            return forward(*step.args, **step.kwargs)
+            return forward(*decision.args, **decision.kwargs)
         finally:
             self.call = None
 
     @torch.compiler.disable
-    def _decide(self, forward, args: tuple, kwargs: dict, context: str | None) -> GuidedStep | None:
+    def _decide(self, forward, args: tuple, kwargs: dict, context: str | None) -> CallDecision | None:
         """What this call does, or None when it is not guided."""
         pipe = self.pipe_ref()
         settings = self.settings
@@ -163,17 +161,17 @@ class GuidedSession:
         side_pass = self.arch.side_pass_arg is not None and arguments.get(self.arch.side_pass_arg) is not None
         layout = None if side_pass else self.pattern.layout(pipe, self.denoiser, arguments, sample.shape[0], context)
         if layout is None:
-            return GuidedStep("shift", None, None, args, kwargs)
+            return CallDecision("shift", None, None, args, kwargs)
         text = arguments.get(self.arch.text_arg) if self.arch.text_arg else None
         n_text = text.shape[1] if isinstance(text, torch.Tensor) and text.dim() == 3 else 0
         device = str(sample.device)
         if self.fused:
             call = self.call_state(CallShape(layout, layout.twins, layout.n_rows, n_text, device))
             args, kwargs = map_arguments(bound, self.arch.row_args, lambda v: widen(v, layout))
-            return GuidedStep("fused", layout, call, args, kwargs)
+            return CallDecision("fused", layout, call, args, kwargs)
         call = self.call_state(CallShape(layout, range(len(layout.cond)), len(layout.cond), n_text, device))
         args, kwargs = map_arguments(bound, self.arch.row_args, lambda v: take_rows(v, layout.n_base, layout.cond))
-        return GuidedStep("eager", layout, call, args, kwargs)
+        return CallDecision("eager", layout, call, args, kwargs)
 
     @torch.compiler.disable
     def _shift(self, out):

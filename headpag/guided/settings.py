@@ -1,4 +1,5 @@
-"""What a patched pipeline does: the heads (resolved, per-head ``u``), PAG scale, identity mode and interval."""
+"""What a patched pipeline does: the heads (resolved, per-head ``u``), PAG scale, identity mode and interval, and
+how it is executed."""
 
 from __future__ import annotations
 
@@ -9,9 +10,14 @@ from ..heads import HeadSet
 from ..kernels import MODES
 
 
+#: How a guided step is executed: "fused" (the twins in the same batch, the kernel) or "eager" (a separate
+#: perturbed forward with the maps materialised: the oracle and baseline).
+EXECUTIONS = ("fused", "eager")
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Checked settings of one patch.
+    """Checked settings of one guided session.
 
     Attributes:
         heads: the selected heads, resolved against the denoiser (wildcards expanded, per-head ``u``).

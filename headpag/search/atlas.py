@@ -13,11 +13,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .run_dir import chosen_in_round, parse_head, parse_heads, read_records, read_settings, thumbnail_path
+from .run_dir import Head, chosen_in_round, parse_head, parse_heads, read_records, read_settings, thumbnail_path
 
 __all__ = ["score_grid", "head_atlas", "score_heatmap", "make_atlas"]
-
-Head = tuple[int, int]
 
 
 def score_grid(run_dir: str | os.PathLike, round: int = 1):

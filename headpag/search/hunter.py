@@ -39,10 +39,10 @@ from ..guided.settings import check_scale
 from ..heads import HeadSet
 from ..kernels import MODES
 from . import run_dir as runs
+from .run_dir import Head
 from .objectives import check_scores
 
 STRATEGIES = ("exact", "halving")
-Head = tuple[int, int]
 
 
 @dataclass
@@ -297,8 +297,8 @@ def hunt(
     if world > 1 and out_dir is None:
         raise ValueError("a distributed hunt needs out_dir: the ranks exchange their records through it")
     run_dir = Path(out_dir) if out_dir is not None else None
-    settings = runs.settings_record(pipe, prompts, seeds, k, rounds, pool, list(init_set) if init_set else [], scale, u,
-                                mode, guidance_scale, num_inference_steps, strategy, objective)
+    settings = runs.settings_record(pipe, prompts, seeds, k, rounds, pool, list(init_set) if init_set else [], scale,
+                                    u, mode, guidance_scale, num_inference_steps, strategy, objective)
     recorded: dict[tuple[int, str, Head], dict[int, float]] = {}
     if run_dir is not None:
         runs.prepare(run_dir, settings, rank)
@@ -357,6 +357,7 @@ def _stages(n_candidates: int, k: int, n_pairs: int) -> list[tuple[int, int]]:
 
 def _means(scores: dict[Head, dict[int, float]], heads: Sequence[Head]) -> dict[Head, float]:
     return {h: float(np.mean(list(scores[h].values()))) for h in heads if scores[h]}
+
 
 def _check_arguments(objective, prompts, seeds, k, rounds, scale, u, mode, guidance_scale, num_inference_steps,
                      batch_size, strategy, execution) -> None:

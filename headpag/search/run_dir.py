@@ -35,6 +35,7 @@ _RECORDS = re.compile(r"^records-rank(\d+)\.jsonl$")
 _HEAD_STR = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?:@.*)?$")
 _REQUIRED = ("round", "candidate", "mean")
 
+#: A head as ``(layer, head)``.
 Head = tuple[int, int]
 
 

@@ -96,7 +96,7 @@ def test_generate_options_reach_the_pipeline(monkeypatch, tmp_path, scale):
     --scale, --u and --mode (not called at all with --scale 0), the pipeline call --prompt, --steps,
     --guidance-scale and --seed; the image goes to --output and the pipeline is disabled after the call."""
     events = []
-    monkeypatch.setattr(api, "_enable", lambda pipe, heads, scale, u, mode, interval, execution: events.append(
+    monkeypatch.setattr(api, "enable", lambda pipe, heads, *, execution, scale, u, mode, interval: events.append(
         ("enable", pipe, heads, scale, u, mode, execution)))
     monkeypatch.setattr(api, "detach", lambda pipe: events.append(("disable", pipe)))
 

@@ -19,8 +19,6 @@ from support.checks import MIN_EFFECT, close, effect, guided
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SHARED_MODULES = {"registry", "pipelines", "blocks"}
-
 
 @pytest.fixture
 def restore_registries():
@@ -38,7 +36,7 @@ def restore_registries():
 def test_every_family_module_registers_its_architecture():
     """Each module of headpag/archs other than the shared ones holds one registered Architecture of its own
     denoiser class, found without being listed anywhere."""
-    families = [m.name for m in pkgutil.iter_modules(archs.__path__) if m.name not in SHARED_MODULES]
+    families = [m.name for m in pkgutil.iter_modules(archs.__path__) if m.name not in archs._SHARED]
     assert {"sd3", "flux", "unet", "pixart", "dit"} <= set(families)
     registered = archs.registered_architectures()
     for name in families:
@@ -157,22 +155,51 @@ def test_register_architecture_changes_the_layers_the_guided_step_uses():
         headpag.enable_fused(odd_pipe, "2:0")
 
 
+@pytest.mark.usefixtures("restore_registries")
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(kind="cross"), ValueError, r"Architecture.kind must be one of \('joint', 'self'\), got 'cross'"),
     (dict(denoiser=int), TypeError, r"Architecture.denoiser must be an nn.Module subclass"),
+    (dict(layers=None), TypeError, r"Architecture.layers must be a callable"),
+    (dict(row_args="hidden_states"), TypeError, r"Architecture.row_args must be a non-empty tuple of names"),
+    (dict(row_args=("hidden_states", "hiden_states")), ValueError,
+     r"Architecture.row_args\[1\] must name an argument of SD3Transformer2DModel.forward \(hidden_states, .*\), "
+     r"got 'hiden_states'"),
+    (dict(sample_arg="x"), ValueError, r"Architecture.sample_arg must name an argument"),
+    (dict(text_arg=None), ValueError, r"Architecture.text_arg must name the text-token argument of a 'joint'"),
+    (dict(side_pass_arg=3), ValueError, r"Architecture.side_pass_arg must name an argument"),
+    (dict(unit_row_args=None), TypeError, r"Architecture.unit_row_args must map unit class names"),
+    (dict(unit_row_args={"JointTransformerBlock": "temb"}), TypeError,
+     r"Architecture.unit_row_args\['JointTransformerBlock'\] must be a non-empty tuple"),
+    (dict(processors=()), TypeError, r"Architecture.processors must be a non-empty tuple"),
+    (dict(text_first="yes"), TypeError, r"Architecture.text_first must be a bool"),
+    (dict(scheduler_timestep=1000), TypeError, r"Architecture.scheduler_timestep must be a callable or None"),
 ])
-def test_register_architecture_refuses_bad_fields(kwargs, error, match):
+def test_architecture_refuses_bad_fields(kwargs, error, match):
+    """Checked on construction (directly or through dataclasses.replace), so nothing bad is ever registered."""
     from dataclasses import replace
 
+    sd3 = archs.architecture_of(M.sd3_transformer())
     with pytest.raises(error, match=match):
-        headpag.register_architecture(replace(archs.architecture_of(M.sd3_transformer()), **kwargs))
+        headpag.register_architecture(replace(sd3, **kwargs))
+    assert archs.architecture_of(M.sd3_transformer()) is sd3
     with pytest.raises(TypeError, match="must be a headpag.Architecture"):
         headpag.register_architecture("SD3Transformer2DModel")
 
 
+def test_call_pattern_refuses_an_unknown_name_unless_a_subclass_reads_the_rows():
+    with pytest.raises(ValueError, match=r"CallPattern.name must be one of \('uncond_cond', .*got 'interleaved'"):
+        headpag.CallPattern("interleaved", {})
+
+    class Interleaved(headpag.CallPattern):
+        def layout(self, pipe, denoiser, arguments, batch, context):
+            return None
+
+    assert Interleaved("interleaved", {}).layout(None, None, {}, 2, None) is None
+
+
 def test_register_pipeline_refuses_bad_input():
-    with pytest.raises(ValueError, match=r"pattern must be one of \['cond_uncond', 'separate', 'uncond_cond', "
-                                         r"'uncond_cond_local'\] or a CallPattern, got 'interleaved'"):
+    with pytest.raises(ValueError, match=r"pattern must be one of \['uncond_cond', 'uncond_cond_local', "
+                                         r"'cond_uncond', 'separate'\] or a CallPattern, got 'interleaved'"):
         headpag.register_pipeline(_LoopPipeline, "interleaved")
     with pytest.raises(TypeError, match="pipeline must be a pipeline class or a class name, got int"):
         headpag.register_pipeline(42, "uncond_cond")

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_compile_inductor_matches_uncompiled(fresh_dynamo):
-    """Enable first, then compile the patched denoiser. One small run: inductor's first (cold-cache) compile takes
-    ~75 s on this busy 2-core machine, ~10 s once /tmp/torchinductor_<user> holds the compiled kernels."""
+    """Enable first, then compile the patched denoiser. One small run (one layer, one step): inductor's first,
+    cold-cache compile dominates the test's time."""
     pipe, inputs, plain = with_plain("sd3", dict(num_layers=1), steps=1)
     with patched(pipe, "fused", "0:0,0:2", scale=3.0):
         expected = M.run(pipe, inputs)

@@ -29,7 +29,7 @@ def test_pixart(pixart_pipe, guidance_scale):
 def test_pixart_joint_mode_matches_apply_layer_skip(pixart_pipe, guidance_scale):
     """mode="joint" on every head of a PixArt layer equals diffusers' own identity attention
     (``apply_layer_skip(skip_attention_scores=True)``) run as the perturbed pass on the cond rows, folded with
-    DESIGN.md's formula by the reference hook on the plain pipeline's transformer."""
+    the fold ``delta = w * (cond - perturbed)`` by the reference hook on the plain pipeline's transformer."""
     skipping = copy.deepcopy(pixart_pipe.transformer)
     apply_layer_skip(skipping, LayerSkipConfig(indices=[1], fqn="transformer_blocks", skip_attention=False,
                                                skip_attention_scores=True, skip_ff=False))

@@ -165,6 +165,18 @@ def test_set_row_heads_and_enable_refuse_bad_input():
             headpag.set_row_heads(pipe, [])
         with pytest.raises(ValueError, match=r"head_sets\[1\] is empty"):
             headpag.set_row_heads(pipe, ["1:0", ""])
-        with pytest.raises(ValueError, match="layer"):
+        with pytest.raises(ValueError, match=r"layer 9.*3 layers"):
             headpag.set_row_heads(pipe, ["9:0"])
-    assert not headpag.is_enabled(pipe)
+        for bad in ("1:0,2:0", headpag.HeadSet("1:0"), 3):
+            with pytest.raises(TypeError, match=rf"head_sets must be a sequence of head sets.*got {type(bad).__name__}"):
+                headpag.set_row_heads(pipe, bad)
+
+
+def test_a_refused_set_row_heads_keeps_the_earlier_row_heads():
+    pipe, inputs, _ = with_plain("sd3", batch=2)
+    with patched(pipe, "fused", "1:1", scale=3.0):
+        headpag.set_row_heads(pipe, ["2:0", "0:*"])
+        before = M.run(pipe, inputs)
+        with pytest.raises(ValueError):
+            headpag.set_row_heads(pipe, ["2:0", ""])
+        assert torch.equal(M.run(pipe, inputs), before)

@@ -275,11 +275,11 @@ def test_outputs_are_linear_in_u(backend):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The oracle itself against DESIGN.md's definition, written out row by row.
+# The oracle itself against the definition out = ((1 - u) A + u P) v, written out row by row.
 
 
 def _hand_oracle(q, k, v, u, mode, n_text, text_first, scale):
-    """(B, H, N, D) float64 loops: out_i = ((1 - u) A_i + u P_i) v per DESIGN.md, Semantics."""
+    """(B, H, N, D) float64 loops: out_i = ((1 - u) A_i + u P_i) v, P = I (joint) or the image-masked softmax."""
     B, H, N, D = q.shape
     is_text = [(i < n_text) if text_first else (i >= N - n_text) for i in range(N)]
     out = torch.zeros_like(q)

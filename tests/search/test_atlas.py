@@ -1,4 +1,4 @@
-"""headpag.atlas on a fake HeadHunter run directory: record reading (truncation, malformed lines), the score grid,
+"""headpag.search.atlas and run_dir on a fake HeadHunter run directory: record reading (truncation, malformed lines), the score grid,
 and the two pictures (thumbnails really drawn, heatmap really depends on the scores)."""
 
 import json

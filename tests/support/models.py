@@ -12,7 +12,7 @@ with the same inputs start from the same noise.
   and a dual-attention block 0 (SD3.5's ``attn2``).
 - :func:`sd15` (``StableDiffusionPipeline``): ``layers_per_block=2`` so that ``down_blocks.0`` holds two
   ``(resnet, attention)`` pairs: a fork after ``attentions.0`` would meet ``resnets.1`` with an unwidened ``temb``
-  (the fork-unit case of DESIGN.md / archs/unet.py). Layers: ``down_blocks.0`` x2, ``mid_block``, ``up_blocks.1`` x3.
+  (the fork-unit case of headpag/archs/unet.py). Layers: ``down_blocks.0`` x2, ``mid_block``, ``up_blocks.1`` x3.
 - :func:`sdxl` (``StableDiffusionXLPipeline``): ``added_cond_kwargs`` (``text_embeds``, ``time_ids``) and two
   ``BasicTransformerBlock`` per ``Transformer2DModel`` (SDXL's ``transformer_layers_per_block=2``).
 - :func:`sd15_controlnet` (``StableDiffusionControlNetPipeline``): per-row ControlNet residuals into the UNet.

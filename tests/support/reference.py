@@ -1,4 +1,4 @@
-"""The reference fold: a plain pipeline made into the guided one by a forward hook on its denoiser (DESIGN.md).
+"""The reference fold: a plain pipeline made into the guided one by a forward hook on its denoiser.
 
 The perturbed pass is something diffusers provides on its own (a copy of the denoiser under ``apply_layer_skip(...,
 skip_attention_scores=True)``, or with ``PAGJointAttnProcessor2_0`` on a layer). The hook runs it on the cond rows
