@@ -72,8 +72,9 @@ class LayerRoute:
         """The layer's perturbed attention of ``q, k, v`` in ``layout`` ("bhnd" or "bnhd")."""
         if attn_mask is not None:
             raise ValueError(
-                f"an attention mask reached the selected layer {self.layer}; perturbed attention supports unmasked "
-                f"attention only (choose heads in other layers or drop the mask)"
+                f"an attention mask reached the selected layer {self.layer}: headpag's perturbed attention is "
+                f"unmasked only (masks such as text padding are not supported yet); call the pipeline so that no "
+                f"mask is passed (unpadded prompts) or choose heads in layers that get none"
             )
         if dropout_p or is_causal or enable_gqa:
             raise ValueError(f"selected layer {self.layer} runs attention with dropout, a causal mask or grouped "
