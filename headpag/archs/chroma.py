@@ -22,8 +22,7 @@ per-block modulations come from one ``distilled_guidance_layer`` approximator).
 
 from diffusers import ChromaTransformer2DModel
 
-from .flux import SeparateCalls
-from .pipelines import register_pipeline
+from .pipelines import SeparateCalls, register_pipeline
 from .registry import Architecture, block_list, register_architecture
 
 CHROMA = register_architecture(Architecture(

@@ -17,17 +17,11 @@
 
 from __future__ import annotations
 
-import sys
-import weakref
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
-
 from diffusers import FluxTransformer2DModel
-from torch import nn
 
 from .blocks import TRANSFORMER_BLOCK_ROW_ARGS
-from .pipelines import CallPattern, RowLayout, register_pipeline
-from .registry import Architecture, architecture_of, block_list, register_architecture
+from .pipelines import SeparateCalls, caller_local, register_pipeline
+from .registry import Architecture, block_list, register_architecture
 
 FLUX = register_architecture(Architecture(
     FluxTransformer2DModel, "joint", *block_list("transformer_blocks", "single_transformer_blocks", attention="attn"),
@@ -41,49 +35,8 @@ FLUX = register_architecture(Architecture(
 register_pipeline("FluxPipeline", "separate")  # true CFG: the uncond rows in a call of their own
 
 
-def running_local(pipe, name: str, default: Any = None) -> Any:
-    """The local variable ``name`` of the innermost running method of ``pipe`` (its ``__call__``), else ``default``
-    (a denoiser called outside the pipeline)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_locals.get("self") is pipe and name in frame.f_locals:
-            return frame.f_locals[name]
-        frame = frame.f_back
-    return default
-
-
-@dataclass(frozen=True)
-class SeparateCalls(CallPattern):
-    """``"separate"`` for loops that do not name their calls: per step a cond call, then (with true CFG) an uncond
-    call on the *same* sample tensor (the loop's ``latents`` / ``latent_model_input``, rebuilt by every scheduler
-    step), which gets the cond call's delta added instead of twins of its own.
-
-    ``cfg(pipe)`` says whether the running call makes the uncond calls; a call under a named ``cache_context``
-    ("cond" / "uncond") is taken by its name.
-    """
-
-    cfg: Callable[[Any], bool] = lambda pipe: False
-    # denoiser -> weak reference to the sample of its last cond call under CFG (consumed by the uncond call)
-    _cond_sample: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = field(
-        default_factory=weakref.WeakKeyDictionary, compare=False, repr=False)
-
-    def layout(self, pipe, denoiser: nn.Module, arguments: Mapping[str, Any], batch: int,
-               context: str | None) -> RowLayout | None:
-        if context is not None:
-            return None if context == "uncond" else RowLayout(batch, range(batch), None)
-        sample = arguments[architecture_of(denoiser).sample_arg]
-        if not self.cfg(pipe):
-            self._cond_sample.pop(denoiser, None)
-            return RowLayout(batch, range(batch), None)
-        cond = self._cond_sample.pop(denoiser, None)
-        if cond is not None and cond() is sample:
-            return None  # the uncond call of the step whose cond call ran on this sample
-        self._cond_sample[denoiser] = weakref.ref(sample)
-        return RowLayout(batch, range(batch), None)
-
-
 #: Flux's true-CFG pipelines without cache contexts: CFG is the ``do_true_cfg`` local of their ``__call__``.
-SEPARATE_TRUE_CFG = SeparateCalls("separate_calls", {}, cfg=lambda pipe: bool(running_local(pipe, "do_true_cfg", False)))
+SEPARATE_TRUE_CFG = SeparateCalls("separate_calls", {}, cfg=lambda pipe: bool(caller_local(pipe, "do_true_cfg", False)))
 
 for _pipeline in ("FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline", "FluxControlNetPipeline"):
     register_pipeline(_pipeline, SEPARATE_TRUE_CFG)

@@ -19,12 +19,18 @@ Only the ``"separate"`` pattern reads the cache context. A family whose loop fit
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
-from typing import Any, Mapping
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
-__all__ = ["CALL_PATTERNS", "CallPattern", "RowLayout", "call_pattern_of", "register_pipeline"]
+from .registry import architecture_of
+
+__all__ = [
+    "CALL_PATTERNS", "CallPattern", "PATTERN_NAMES", "RowLayout", "SeparateCalls", "call_pattern_of", "caller_local",
+    "register_pipeline",
+]
 
 
 @dataclass(frozen=True)
@@ -92,10 +98,41 @@ class CallPattern:
         if self.name == "uncond_cond":
             cfg = pipe.do_classifier_free_guidance
         else:
-            cfg = _caller_local(pipe, "do_classifier_free_guidance")
+            cfg = caller_local(pipe, "do_classifier_free_guidance")
         if cfg:
             return RowLayout(batch, range(batch // 2, batch), range(0, batch // 2))
         return RowLayout(batch, range(batch), None)
+
+
+@dataclass(frozen=True)
+class SeparateCalls(CallPattern):
+    """``"separate"`` for loops that do not name their calls: per step a cond call, then (with true CFG) an uncond
+    call on the *same* sample tensor (the loop's ``latents`` / ``latent_model_input``, rebuilt by every scheduler
+    step), which gets the cond call's delta added instead of twins of its own.
+
+    ``cfg(pipe)`` says whether the running call makes the uncond calls; a call under a named ``cache_context``
+    ("cond" / "uncond") is taken by its name.
+    """
+
+    cfg: Callable[[Any], bool] = lambda pipe: False
+    # denoiser -> weak reference to the sample of its last cond call under CFG (consumed by the uncond call)
+    _cond_sample: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = field(
+        default_factory=weakref.WeakKeyDictionary, compare=False, repr=False)
+
+    def layout(self, pipe, denoiser: nn.Module, arguments: Mapping[str, Any], batch: int,
+               context: str | None) -> RowLayout | None:
+        if context is not None:
+            return None if context == "uncond" else RowLayout(batch, range(batch), None)
+        sample = arguments[architecture_of(denoiser).sample_arg]
+        if not self.cfg(pipe):
+            self._cond_sample.pop(denoiser, None)
+            return RowLayout(batch, range(batch), None)
+        cond = self._cond_sample.pop(denoiser, None)
+        if cond is not None and cond() is sample:
+            return None  # the uncond call of the step whose cond call ran on this sample
+        self._cond_sample[denoiser] = weakref.ref(sample)
+        return RowLayout(batch, range(batch), None)
+
 
 
 _CFG_SCALE_OFF = {"guidance_scale": 1.0}
@@ -108,13 +145,20 @@ CALL_PATTERNS: dict[str, CallPattern] = {
 }
 
 
-def _caller_local(pipe, name: str):
-    """The local variable ``name`` of the innermost running method of ``pipe`` (its ``__call__``)."""
+_NO_DEFAULT = object()
+
+
+def caller_local(pipe, name: str, default: Any = _NO_DEFAULT):
+    """The local variable ``name`` of the innermost running method of ``pipe`` (its ``__call__``): what a pattern
+    reads when the pipeline keeps a setting in a local only. Outside the pipeline's ``__call__``: ``default``, or a
+    ``RuntimeError`` when none is given."""
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_locals.get("self") is pipe and name in frame.f_locals:
             return frame.f_locals[name]
         frame = frame.f_back
+    if default is not _NO_DEFAULT:
+        return default
     raise RuntimeError(f"{type(pipe).__name__}'s denoiser was called outside the pipeline's __call__: cannot tell its rows")
 
 

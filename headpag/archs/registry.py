@@ -48,10 +48,17 @@ class Architecture:
         sample_arg: name of the denoiser's noisy-sample argument (the first positional argument).
         text_arg: the argument holding the text tokens ``(B, n_text, C)`` of joint attention, or None.
         text_first: joint attention puts the text tokens first (Flux) rather than last (SD3).
-        scheduler_timestep: maps the denoiser's ``timestep`` argument back to the scheduler's timestep (the PAG
+        timestep_arg: name of the denoiser's timestep argument (Z-Image: ``t``).
+        scheduler_timestep: maps the denoiser's timestep argument back to the scheduler's timestep (the PAG
             interval is read from its position in ``scheduler.timesteps``); None when the pipeline passes it as is.
         side_pass_arg: an argument that, when given, marks a call as a side pass rather than an uncond / cond call
             (SD3's ``skip_layers`` for skip-layer guidance); such calls are shifted by the step's delta, not forked.
+        row_lists: the per-row arguments (a subset of ``row_args``) passed as a Python list with one tensor per row
+            (Z-Image's ``x`` and ``cap_feats``): widened by appending the cond rows' entries. When ``sample_arg`` is
+            one, the denoiser's output sample is a list of per-row tensors too.
+        text_length: ``bound arguments -> n_text`` for a ``text_arg`` that is not a ``(B, n_text, C)`` tensor (the
+            number of text tokens in the joint sequence, e.g. Z-Image's padded caption length); None reads
+            ``text_arg``'s dim 1.
     """
 
     denoiser: type
@@ -64,8 +71,11 @@ class Architecture:
     sample_arg: str = "hidden_states"
     text_arg: str | None = None
     text_first: bool = False
+    timestep_arg: str = "timestep"
     scheduler_timestep: Callable[[Any], Any] | None = None
     side_pass_arg: str | None = None
+    row_lists: tuple[str, ...] = ()
+    text_length: Callable[[Mapping[str, Any]], int] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.denoiser, type) or not issubclass(self.denoiser, nn.Module):
@@ -87,12 +97,17 @@ class Architecture:
             raise TypeError(f"Architecture.text_first must be a bool, got {self.text_first!r}")
         if self.scheduler_timestep is not None and not callable(self.scheduler_timestep):
             raise TypeError(f"Architecture.scheduler_timestep must be a callable or None, got {self.scheduler_timestep!r}")
+        if not isinstance(self.row_lists, tuple) or not set(self.row_lists) <= set(self.row_args):
+            raise TypeError(f"Architecture.row_lists must be a tuple of names in row_args, got {self.row_lists!r}")
+        if self.text_length is not None and not callable(self.text_length):
+            raise TypeError(f"Architecture.text_length must be a callable or None, got {self.text_length!r}")
         if self.kind == "joint" and self.text_arg is None:
             raise ValueError("Architecture.text_arg must name the text-token argument of a 'joint' architecture "
                              "(mode='image' reads the text length from it)")
         parameters = inspect.signature(self.denoiser.forward).parameters
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-        named = {"sample_arg": self.sample_arg, "text_arg": self.text_arg, "side_pass_arg": self.side_pass_arg}
+        named = {"sample_arg": self.sample_arg, "text_arg": self.text_arg, "side_pass_arg": self.side_pass_arg,
+                 "timestep_arg": self.timestep_arg}
         named |= {f"row_args[{i}]": name for i, name in enumerate(self.row_args)}
         for field_name, name in named.items():
             if name is None and field_name in ("text_arg", "side_pass_arg"):

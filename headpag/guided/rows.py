@@ -41,6 +41,16 @@ def select_rows(value: Any, n: int, index: torch.Tensor) -> Any:
     return map_rows(value, n, lambda t: t.index_select(0, index.to(t.device)))
 
 
+def widen_list(value: list, layout: RowLayout) -> list:
+    """A per-row list (one entry per base row) with the cond rows' entries appended (the twins)."""
+    return [*value, *value[layout.cond.start:layout.cond.stop]]
+
+
+def take_list(value: list, rows: range) -> list:
+    """Keeps ``rows`` of a per-row list."""
+    return list(value[rows.start:rows.stop])
+
+
 def take_rows(value: Any, n: int, rows: range) -> Any:
     """Keeps ``rows`` of every per-row tensor of ``n`` rows."""
     return map_rows(value, n, lambda t: t[rows.start:rows.stop])
@@ -54,23 +64,33 @@ def bind(forward, args: tuple, kwargs: dict) -> inspect.BoundArguments:
     return inspect.signature(forward).bind_partial(*args, **kwargs)
 
 
-def map_arguments(bound: inspect.BoundArguments, names: tuple[str, ...], fn: Callable[[Any], Any]) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` of the bound call with ``fn`` applied to the arguments called ``names`` (when given)."""
+def map_arguments(bound: inspect.BoundArguments, names: tuple[str, ...], fn: Callable[[Any], Any],
+                  lists: tuple[str, ...] = (), list_fn: Callable[[list], list] | None = None) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of the bound call with ``fn`` applied to the arguments called ``names`` (when given), and
+    ``list_fn`` instead to those of them named in ``lists`` (per-row lists)."""
     arguments = dict(bound.arguments)
     for name in names:
         if arguments.get(name) is not None:
-            arguments[name] = fn(arguments[name])
+            arguments[name] = (list_fn if name in lists else fn)(arguments[name])
     mapped = inspect.BoundArguments(bound.signature, arguments)
     return mapped.args, mapped.kwargs
 
 
-def first_tensor(value: Any) -> torch.Tensor:
-    """The sample tensor of a denoiser's output: ``(sample,)`` tuples and ``*Output`` dataclasses alike."""
+def _sample(value: Any) -> Any:
     return value[0] if isinstance(value, (tuple, list)) else value.sample
 
 
+def first_tensor(value: Any) -> torch.Tensor:
+    """The sample tensor of a denoiser's output: ``(sample,)`` tuples and ``*Output`` dataclasses alike; a sample
+    given as a list of per-row tensors (Z-Image) is stacked."""
+    sample = _sample(value)
+    return torch.stack(sample) if isinstance(sample, list) else sample
+
+
 def replace_sample(value: Any, sample: torch.Tensor) -> Any:
-    """``value`` (tuple or ``*Output``) with its sample replaced."""
+    """``value`` (tuple or ``*Output``) with its sample replaced (as a list of per-row tensors where it was one)."""
+    if isinstance(_sample(value), list):
+        sample = list(sample.unbind(0))
     if isinstance(value, tuple):
         return (sample, *value[1:])
     if isinstance(value, list):

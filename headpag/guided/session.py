@@ -31,7 +31,7 @@ from .call_state import CallShape, CallState
 from .fold import fold, guided_channels, in_interval, perturbation_delta, step_position
 from .hooks import ATTENTION_HOOK, DENOISER_HOOK, UNIT_HOOK, Attached, AttentionHook, DenoiserHook, UnitHook
 from .routing import DISPATCH_ROUTING, check_default_processor
-from .rows import bind, first_tensor, map_arguments, replace_sample, take_rows, widen
+from .rows import bind, first_tensor, map_arguments, replace_sample, take_list, take_rows, widen, widen_list
 from .settings import Settings
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ class GuidedSession:
         settings = self.settings
         bound = bind(forward, args, kwargs)
         arguments = bound.arguments
-        timestep = arguments.get("timestep")
+        timestep = arguments.get(self.arch.timestep_arg)
         if self.arch.scheduler_timestep is not None:
             timestep = self.arch.scheduler_timestep(timestep)
         timesteps = pipe.scheduler.timesteps
@@ -158,19 +158,28 @@ class GuidedSession:
             return None
         self._step = step
         sample = arguments[self.arch.sample_arg]
+        if isinstance(sample, list):  # one tensor per row (Architecture.row_lists)
+            batch, sample = len(sample), sample[0]
+        else:
+            batch = sample.shape[0]
         side_pass = self.arch.side_pass_arg is not None and arguments.get(self.arch.side_pass_arg) is not None
-        layout = None if side_pass else self.pattern.layout(pipe, self.denoiser, arguments, sample.shape[0], context)
+        layout = None if side_pass else self.pattern.layout(pipe, self.denoiser, arguments, batch, context)
         if layout is None:
             return CallDecision("shift", None, None, args, kwargs)
         text = arguments.get(self.arch.text_arg) if self.arch.text_arg else None
-        n_text = text.shape[1] if isinstance(text, torch.Tensor) and text.dim() == 3 else 0
+        if self.arch.text_length is not None:
+            n_text = self.arch.text_length(arguments)
+        else:
+            n_text = text.shape[1] if isinstance(text, torch.Tensor) and text.dim() == 3 else 0
         device = str(sample.device)
         if self.fused:
             call = self.call_state(CallShape(layout, layout.twins, layout.n_rows, n_text, device))
-            args, kwargs = map_arguments(bound, self.arch.row_args, lambda v: widen(v, layout))
+            args, kwargs = map_arguments(bound, self.arch.row_args, lambda v: widen(v, layout),
+                                         self.arch.row_lists, lambda v: widen_list(v, layout))
             return CallDecision("fused", layout, call, args, kwargs)
         call = self.call_state(CallShape(layout, range(len(layout.cond)), len(layout.cond), n_text, device))
-        args, kwargs = map_arguments(bound, self.arch.row_args, lambda v: take_rows(v, layout.n_base, layout.cond))
+        args, kwargs = map_arguments(bound, self.arch.row_args, lambda v: take_rows(v, layout.n_base, layout.cond),
+                                     self.arch.row_lists, lambda v: take_list(v, layout.cond))
         return CallDecision("eager", layout, call, args, kwargs)
 
     @torch.compiler.disable

@@ -24,12 +24,16 @@ CPU_BACKENDS = ("native", "_native_math", "_native_flash", "flex")
 
 @pytest.fixture(scope="module")
 def flux_pipe():
+    """A tiny Flux pipeline; diffusers' global active backend (which set_attention_backend also sets, and
+    reset_attention_backend does not restore) is put back afterwards, so later tests run on the default."""
     pipe = M.flux()
+    active = _AttentionBackendRegistry._active_backend
     try:
         yield pipe
     finally:
         headpag.disable(pipe)
         pipe.transformer.reset_attention_backend()
+        _AttentionBackendRegistry._active_backend = active
 
 
 @pytest.mark.parametrize("true_cfg", [4.0, 1.0], ids=["true_cfg", "no_cfg"])
