@@ -25,3 +25,6 @@ SD3 = register_architecture(Architecture(
 ))
 
 register_pipeline("StableDiffusion3Pipeline", "uncond_cond")  # with skip-layer guidance
+# Image-conditioned variants: the same [uncond, cond] loop, no skip-layer guidance.
+for _pipeline in ("StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"):
+    register_pipeline(_pipeline, "uncond_cond")

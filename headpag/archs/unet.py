@@ -55,3 +55,10 @@ UNET = register_architecture(Architecture(
 for _pipeline in ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionControlNetPipeline",
                   "StableDiffusionXLControlNetPipeline"):
     register_pipeline(_pipeline, "uncond_cond")
+
+# Image-conditioned variants and Kolors (an SDXL-layout UNet with ChatGLM text): the same [uncond, cond] loop.
+for _pipeline in ("StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+                  "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
+                  "StableDiffusionControlNetInpaintPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
+                  "KolorsPipeline", "KolorsImg2ImgPipeline"):
+    register_pipeline(_pipeline, "uncond_cond")
