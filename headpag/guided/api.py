@@ -33,6 +33,12 @@ def enable(pipe, heads, *, execution: str = "fused", scale: float = 3.0, u: floa
     if execution not in EXECUTIONS:
         raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
     call_pattern_of(pipe)  # an unknown pipeline raises before anything is attached
+    if getattr(pipe, "transformer_2", None) is not None:
+        raise ValueError(
+            f"{type(pipe).__name__} has a second denoiser (transformer_2, e.g. Wan 2.2 A14B's low-noise expert) that "
+            f"runs part of the steps: headpag guides one denoiser, so guidance would be off on those steps; load the "
+            f"pipeline without transformer_2 or use a single-denoiser checkpoint"
+        )
     settings = make_settings(get_denoiser(pipe), heads, scale, u, mode, interval)
     attach(pipe, execution, settings)
 
