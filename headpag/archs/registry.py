@@ -53,6 +53,18 @@ class Architecture:
             interval is read from its position in ``scheduler.timesteps``); None when the pipeline passes it as is.
         side_pass_arg: an argument that, when given, marks a call as a side pass rather than an uncond / cond call
             (SD3's ``skip_layers`` for skip-layer guidance); such calls are shifted by the step's delta, not forked.
+        rows_per_sample: for a denoiser that folds several rows per sample into its batch (AnimateDiff's
+            ``UNetMotionModel``: a ``(B, C, F, H, W)`` sample becomes ``B * F`` frame rows, each sample's frames
+            consecutive), maps the call's bound arguments to that count ``F``; None: one row per sample. Per-row
+            tensors of ``B * F`` rows (inside the denoiser, and arguments the pipeline folded already) are then
+            taken ``F`` rows per sample, and the attention of a selected layer sees ``B * F`` rows.
+        perturbed_attention: for a ``"self"`` family whose default self-attention is no softmax attention that
+            headpag's kernel computes (Sana's ReLU linear attention, which calls no attention function at all):
+            ``perturbed_attention(attn, args, kwargs, u, materialise)`` runs the forward of the selected attention
+            module ``attn`` (called with ``args`` / ``kwargs``) with the per-(row, head) coefficients ``u``
+            (float32 ``(rows, heads)``): per head ``((1 - u) A + u I) V``, ``A`` the layer's own attention maps.
+            ``materialise`` (eager execution) builds ``A`` explicitly: the oracle. None: the layer's attention call
+            is routed to headpag's kernel.
         row_lists: the per-row arguments (a subset of ``row_args``) passed as a Python list with one tensor per row
             (Z-Image's ``x`` and ``cap_feats``): widened by appending the cond rows' entries. When ``sample_arg`` is
             one, the denoiser's output sample is a list of per-row tensors too.
@@ -76,6 +88,8 @@ class Architecture:
     side_pass_arg: str | None = None
     row_lists: tuple[str, ...] = ()
     text_length: Callable[[Mapping[str, Any]], int] | None = None
+    rows_per_sample: Callable[[Mapping[str, Any]], int] | None = None
+    perturbed_attention: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.denoiser, type) or not issubclass(self.denoiser, nn.Module):
@@ -99,8 +113,13 @@ class Architecture:
             raise TypeError(f"Architecture.scheduler_timestep must be a callable or None, got {self.scheduler_timestep!r}")
         if not isinstance(self.row_lists, tuple) or not set(self.row_lists) <= set(self.row_args):
             raise TypeError(f"Architecture.row_lists must be a tuple of names in row_args, got {self.row_lists!r}")
-        if self.text_length is not None and not callable(self.text_length):
-            raise TypeError(f"Architecture.text_length must be a callable or None, got {self.text_length!r}")
+        for field_name in ("text_length", "rows_per_sample", "perturbed_attention"):
+            value = getattr(self, field_name)
+            if value is not None and not callable(value):
+                raise TypeError(f"Architecture.{field_name} must be a callable or None, got {value!r}")
+        if self.perturbed_attention is not None and self.kind != "self":
+            raise ValueError("Architecture.perturbed_attention is for 'self' architectures (no text tokens in the "
+                             "layer: mode 'joint' and 'image' are the same identity)")
         if self.kind == "joint" and self.text_arg is None:
             raise ValueError("Architecture.text_arg must name the text-token argument of a 'joint' architecture "
                              "(mode='image' reads the text length from it)")

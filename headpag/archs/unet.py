@@ -15,40 +15,40 @@ from typing import Iterator
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from .blocks import CROSS_ATTENTION_ARGS, RESNET_ARGS, SKIP_ARGS
 from .pipelines import register_pipeline
 from .registry import Architecture, register_architecture
 
 
-def _units(model: nn.Module) -> list[str]:
+def down_mid_up_units(model: nn.Module) -> list[str]:
+    """Every down block, the mid block, every up block: the forward loop of a diffusers UNet."""
     units = [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
     units += ["mid_block"] if model.mid_block is not None else []
     return units + [f"up_blocks.{i}" for i in range(len(model.up_blocks))]
 
 
-def _layers(model: nn.Module) -> Iterator[tuple[str, str]]:
-    for unit in _units(model):
+def self_attention_layers(model: nn.Module, within: str = "") -> Iterator[tuple[str, str]]:
+    """The self-attention ``attn1`` modules (under ``within`` inside each block) with their block as fork unit."""
+    for unit in down_mid_up_units(model):
         # Inside one block, registration order is forward order (attentions[0], [1], ...; blocks in order).
         for sub, module in model.get_submodule(unit).named_modules():
-            if sub.rsplit(".", 1)[-1] == "attn1" and not getattr(module, "is_cross_attention", False):
+            if (sub.startswith(within) and sub.rsplit(".", 1)[-1] == "attn1"
+                    and not getattr(module, "is_cross_attention", False)):
                 yield f"{unit}.{sub}", unit
 
 
-_CROSS_ATTENTION = ("encoder_hidden_states", "attention_mask", "cross_attention_kwargs", "encoder_attention_mask")
-_RESNET = ("hidden_states", "temb")
-_SKIPS = ("res_hidden_states_tuple",)
-
 UNET = register_architecture(Architecture(
-    UNet2DConditionModel, "self", _layers, _units, sample_arg="sample", processors=("AttnProcessor2_0",),
+    UNet2DConditionModel, "self", self_attention_layers, down_mid_up_units, sample_arg="sample", processors=("AttnProcessor2_0",),
     row_args=("sample", "timestep", "encoder_hidden_states", "class_labels", "timestep_cond", "attention_mask",
               "cross_attention_kwargs", "added_cond_kwargs", "down_block_additional_residuals",
               "mid_block_additional_residual", "down_intrablock_additional_residuals", "encoder_attention_mask"),
     unit_row_args={
-        "CrossAttnDownBlock2D": (*_RESNET, *_CROSS_ATTENTION, "additional_residuals"),
-        "DownBlock2D": _RESNET,
-        "UNetMidBlock2DCrossAttn": (*_RESNET, *_CROSS_ATTENTION),
-        "UNetMidBlock2D": _RESNET,
-        "CrossAttnUpBlock2D": (*_RESNET, *_SKIPS, *_CROSS_ATTENTION),
-        "UpBlock2D": (*_RESNET, *_SKIPS),
+        "CrossAttnDownBlock2D": (*RESNET_ARGS, *CROSS_ATTENTION_ARGS, "additional_residuals"),
+        "DownBlock2D": RESNET_ARGS,
+        "UNetMidBlock2DCrossAttn": (*RESNET_ARGS, *CROSS_ATTENTION_ARGS),
+        "UNetMidBlock2D": RESNET_ARGS,
+        "CrossAttnUpBlock2D": (*RESNET_ARGS, *SKIP_ARGS, *CROSS_ATTENTION_ARGS),
+        "UpBlock2D": (*RESNET_ARGS, *SKIP_ARGS),
     },
 ))
 

@@ -27,16 +27,19 @@ class CallShape:
     n_rows: int
     n_text: int
     device: str
+    frames: int = 1  # rows per sample inside the denoiser (Architecture.rows_per_sample)
 
 
 def layer_coefficients(layer: LayerInfo, head_sets: list[HeadSet], shape: CallShape, mode: str,
                        text_first: bool) -> RowCoefficients:
     """``u`` of one layer for every row of a call: ``head_sets[j]`` on perturbed row ``shape.perturbed_rows[j]``,
-    0 elsewhere; with its per-(row, head) codes built from the same host values."""
+    0 elsewhere; with its per-(row, head) codes built from the same host values. With ``shape.frames > 1`` each
+    row's ``u`` is repeated for its frames (the rows the layer's attention sees)."""
     u = torch.zeros(shape.n_rows, layer.heads, dtype=torch.float32)
     for row, heads in zip(shape.perturbed_rows, head_sets):
         for h, coef in heads.u_for(layer.index).items():
             u[row, h] = coef
+    u = u.repeat_interleave(shape.frames, dim=0)
     codes = codes_from_u(u).tolist()
     n_text = shape.n_text if layer.kind == "joint" else 0
     return RowCoefficients(u.to(shape.device), codes, mode, n_text, text_first)
@@ -54,6 +57,7 @@ class CallState:
     def __init__(self, session: "GuidedSession", shape: CallShape):
         self.layout = shape.layout
         self.n_rows = shape.n_rows
+        self.frames = shape.frames
         self.device = shape.device
         head_sets = [session.heads_of(j) for j in range(len(shape.perturbed_rows))]
         self.coefficients: dict[str, RowCoefficients] = {
@@ -66,7 +70,7 @@ class CallState:
         self._unit_rows = {position: self._rows_at(position) for position in positions}
         self.running: int | None = None  # position of a unit running on a subset of the rows
         self._subsets = {
-            (name, position): _subset(full, self._run_rows(position))
+            (name, position): _subset(full, self._run_rows(position), self.frames)
             for position, rows in self._unit_rows.items() if rows is not None
             for name, full in self.coefficients.items()
         }
@@ -98,7 +102,8 @@ class CallState:
         return torch.tensor(self._run_rows(position), device=self.device), torch.tensor(gather, device=self.device)
 
 
-def _subset(full: RowCoefficients, rows: list[int]) -> RowCoefficients:
+def _subset(full: RowCoefficients, rows: list[int], frames: int = 1) -> RowCoefficients:
+    rows = [r * frames + f for r in rows for f in range(frames)]
     index = torch.tensor(rows, device=full.u.device)
     return RowCoefficients(full.u.index_select(0, index), [full.codes[r] for r in rows], full.mode, full.n_text,
                            full.text_first)

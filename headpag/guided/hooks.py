@@ -66,13 +66,14 @@ class UnitHook(ModelHook):
         if rows is None:
             return forward(*args, **kwargs)
         run, gather = rows
-        args, kwargs = map_arguments(bind(forward, args, kwargs), self.row_args, lambda v: select_rows(v, call.n_rows, run))
+        args, kwargs = map_arguments(bind(forward, args, kwargs), self.row_args,
+                                     lambda v: select_rows(v, call.n_rows, run, call.frames))
         call.running = self.position
         try:
             out = forward(*args, **kwargs)
         finally:
             call.running = None
-        return select_rows(out, len(run), gather)
+        return select_rows(out, len(run), gather, call.frames)
 
 
 class AttentionHook(ModelHook):
@@ -88,8 +89,12 @@ class AttentionHook(ModelHook):
         forward = self.fn_ref.original_forward
         if call is None:
             return forward(*args, **kwargs)
+        coefficients = call.coefficients_for(self.layer)
+        family_attention = self.session.arch.perturbed_attention
+        if family_attention is not None:  # an attention headpag's kernel does not compute (archs/registry.py)
+            return family_attention(module, args, kwargs, coefficients.u, materialise=not self.session.fused)
         attention = perturbed_attention_from_plan if self.session.fused else reference_attention
-        with routed(LayerRoute(attention, call.coefficients_for(self.layer), self.layer), module.processor):
+        with routed(LayerRoute(attention, coefficients, self.layer), module.processor):
             return forward(*args, **kwargs)
 
 

@@ -18,27 +18,35 @@ import torch
 from ..archs import RowLayout
 
 
-def map_rows(value: Any, n: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """Applies ``fn`` to every tensor in ``value`` (walking dicts, lists, tuples) whose leading dim is ``n``."""
+def map_rows(value: Any, n: int, fn: Callable[[torch.Tensor], torch.Tensor], frames: int = 1) -> Any:
+    """Applies ``fn`` to every tensor in ``value`` (walking dicts, lists, tuples) whose leading dim is ``n``.
+
+    With ``frames > 1`` (``Architecture.rows_per_sample``), a tensor whose leading dim is ``n * frames`` (each
+    row's frames folded into consecutive rows) is mapped as ``(n, frames, ...)`` and folded back.
+    """
     if isinstance(value, torch.Tensor):
-        return fn(value) if value.dim() >= 1 and value.shape[0] == n else value
+        if value.dim() >= 1 and value.shape[0] == n:
+            return fn(value)
+        if frames > 1 and value.dim() >= 1 and value.shape[0] == n * frames:
+            return fn(value.unflatten(0, (n, frames))).flatten(0, 1)
+        return value
     if isinstance(value, dict):
-        return {k: map_rows(v, n, fn) for k, v in value.items()}
+        return {k: map_rows(v, n, fn, frames) for k, v in value.items()}
     if isinstance(value, list):
-        return [map_rows(v, n, fn) for v in value]
+        return [map_rows(v, n, fn, frames) for v in value]
     if isinstance(value, tuple):
-        return tuple(map_rows(v, n, fn) for v in value)
+        return tuple(map_rows(v, n, fn, frames) for v in value)
     return value
 
 
-def widen(value: Any, layout: RowLayout) -> Any:
+def widen(value: Any, layout: RowLayout, frames: int = 1) -> Any:
     """Appends a copy of the cond rows (the twins) to every per-row tensor of ``n_base`` rows."""
-    return map_rows(value, layout.n_base, lambda t: torch.cat([t, t[layout.cond.start:layout.cond.stop]]))
+    return map_rows(value, layout.n_base, lambda t: torch.cat([t, t[layout.cond.start:layout.cond.stop]]), frames)
 
 
-def select_rows(value: Any, n: int, index: torch.Tensor) -> Any:
+def select_rows(value: Any, n: int, index: torch.Tensor, frames: int = 1) -> Any:
     """Every per-row tensor of ``n`` rows, indexed by ``index`` (rows may repeat)."""
-    return map_rows(value, n, lambda t: t.index_select(0, index.to(t.device)))
+    return map_rows(value, n, lambda t: t.index_select(0, index.to(t.device)), frames)
 
 
 def widen_list(value: list, layout: RowLayout) -> list:
@@ -51,9 +59,9 @@ def take_list(value: list, rows: range) -> list:
     return list(value[rows.start:rows.stop])
 
 
-def take_rows(value: Any, n: int, rows: range) -> Any:
+def take_rows(value: Any, n: int, rows: range, frames: int = 1) -> Any:
     """Keeps ``rows`` of every per-row tensor of ``n`` rows."""
-    return map_rows(value, n, lambda t: t[rows.start:rows.stop])
+    return map_rows(value, n, lambda t: t[rows.start:rows.stop], frames)
 
 
 def bind(forward, args: tuple, kwargs: dict) -> inspect.BoundArguments:

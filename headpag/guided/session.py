@@ -172,13 +172,15 @@ class GuidedSession:
         else:
             n_text = text.shape[1] if isinstance(text, torch.Tensor) and text.dim() == 3 else 0
         device = str(sample.device)
+        frames = 1 if self.arch.rows_per_sample is None else int(self.arch.rows_per_sample(arguments))
         if self.fused:
-            call = self.call_state(CallShape(layout, layout.twins, layout.n_rows, n_text, device))
-            args, kwargs = map_arguments(bound, self.arch.row_args, lambda v: widen(v, layout),
+            call = self.call_state(CallShape(layout, layout.twins, layout.n_rows, n_text, device, frames))
+            args, kwargs = map_arguments(bound, self.arch.row_args, lambda v: widen(v, layout, frames),
                                          self.arch.row_lists, lambda v: widen_list(v, layout))
             return CallDecision("fused", layout, call, args, kwargs)
-        call = self.call_state(CallShape(layout, range(len(layout.cond)), len(layout.cond), n_text, device))
-        args, kwargs = map_arguments(bound, self.arch.row_args, lambda v: take_rows(v, layout.n_base, layout.cond),
+        call = self.call_state(CallShape(layout, range(len(layout.cond)), len(layout.cond), n_text, device, frames))
+        args, kwargs = map_arguments(bound, self.arch.row_args,
+                                     lambda v: take_rows(v, layout.n_base, layout.cond, frames),
                                      self.arch.row_lists, lambda v: take_list(v, layout.cond))
         return CallDecision("eager", layout, call, args, kwargs)
 
