@@ -326,3 +326,69 @@ def test_suite_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="must hold the lines"):
         report.main(out_dir=tmp_path, sections=("gpu",), readme=unmarked)
     assert not (tmp_path / report.JSON_NAME).exists()  # refused before anything ran
+
+
+def test_separate_cfg_calls_of_qwen_image_and_wan_twin_the_cond_call_only():
+    """Qwen-Image (true CFG) and Wan (CFG): per step a 1-row cond call under cache_context("cond") and a 1-row
+    uncond call under cache_context("uncond"); the twin rides on the cond call only, as with CFG off. FLUX.2-dev:
+    one cond call (distilled guidance) without a cache context, twinned."""
+    from headpag.apps.benchmarks import meta_flops
+
+    qwen = meta_flops.qwen_pipe(dict(meta_flops.QWEN_IMAGE, in_channels=16, out_channels=4, num_layers=3,
+                                     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                     axes_dims_rope=(4, 6, 6)))
+    wan = meta_flops.wan_pipe(dict(meta_flops.WAN_T2V_14B, num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                   out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32, num_layers=3,
+                                   rope_max_seq_len=32))
+    cases = [(qwen, lambda p, rows: meta_flops.qwen_true_cfg_call(p, rows, side=4, n_text=8), 16 + 8),
+             (wan, lambda p, rows: meta_flops.wan_cfg_call(p, rows, frames=2, height=4, width=4, n_text=8), 2 * 2 * 2)]
+    for pipe, call, tokens in cases:
+        cfg = meta_flops.analyse("tiny", pipe, call, 2, "1:0,2:1", tokens)
+        off = meta_flops.analyse("tiny", pipe, call, 1, "1:0,2:1", tokens)
+        f, d = cfg["flops"], off["flops"]
+        assert f["cfg_only"] == 2 * d["cfg_only"] and cfg["fork_unit"] == off["fork_unit"]
+        assert f["eager"] - f["cfg_only"] == d["eager"] - d["cfg_only"] == d["cfg_only"]  # one extra full row
+        assert f["fused"] - f["cfg_only"] == d["fused"] - d["cfg_only"] > 0  # one twin, on the cond call
+        assert f["fused"] < f["eager"] and f["minimum"] <= f["fused"]
+        with pytest.raises(ValueError, match="rows must be 1 or 2"):
+            call(pipe, 3)
+    flux2 = meta_flops.flux2_pipe(dict(meta_flops.FLUX2_DEV, in_channels=16, num_layers=1, num_single_layers=2,
+                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                       timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4)))
+    d = meta_flops.analyse("tiny", flux2, lambda p, rows: meta_flops.flux2_call(p, rows, side=4, n_text=8), 1,
+                           "1:0,2:1", 16 + 8)["flops"]
+    assert d["eager"] == 2 * d["cfg_only"] and d["cfg_only"] < d["minimum"] <= d["fused"] < d["eager"]
+
+
+def test_full_size_section_covers_flux2_qwen_image_and_wan():
+    """FLUX.2-dev, Qwen-Image and Wan 2.1 T2V-14B are in the FLOP section with their classes' default configs (the
+    released checkpoints' sizes) at native resolution, every head set valid; one full-size count each (paper-like
+    heads, one base row) puts fused within 2% of the minimum."""
+    import inspect
+
+    from diffusers import Flux2Transformer2DModel, QwenImageTransformer2DModel, WanTransformer3DModel
+
+    from headpag import list_layers
+    from headpag.apps.benchmarks import full_size, meta_flops
+
+    for config, cls in ((meta_flops.FLUX2_DEV, Flux2Transformer2DModel),
+                        (meta_flops.QWEN_IMAGE, QwenImageTransformer2DModel),
+                        (meta_flops.WAN_T2V_14B, WanTransformer3DModel)):
+        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+        assert config == defaults, cls.__name__
+    models = {m[0]: m for m in full_size.models()}
+    expected = {"FLUX.2-dev": (4096 + 512, {"distilled"}, (56, 48)), "Qwen-Image": (83 * 83 + 256, {"true_cfg", "cfg_off"}, (60, 24)),
+                "Wan2.1-T2V-14B": (21 * 30 * 52, {"cfg_on", "cfg_off"}, (40, 40))}
+    for name, (tokens, cases, (n_layers, n_heads)) in expected.items():
+        _, make_pipe, call, _, model_cases, _, n_tokens = models[name]
+        assert n_tokens == tokens and set(model_cases) == cases
+        pipe = make_pipe()
+        layers = list_layers(pipe)
+        assert len(layers) == n_layers and {layer.heads for layer in layers} == {n_heads}
+        assert {layer.head_dim for layer in layers} == {128}
+        sets = {k: full_size._expand(v, layers) for k, v in full_size.HEAD_SETS[name].items()}
+        assert len(sets["early"].split(",")) == n_heads and len(sets["paper-like"].split(",")) == 24
+        result = meta_flops.analyse(name, pipe, call, 1, sets["paper-like"], n_tokens)
+        f = result["flops"]
+        assert 1.0 <= result["ratios"]["fused/minimum"] <= 1.02, (name, result["fused_excess_over_minimum"])
+        assert f["cfg_only"] < f["minimum"] <= f["fused"] < f["eager"] == 2 * f["cfg_only"]

@@ -1,14 +1,18 @@
 """Full-size cost of one guided step without a GPU: FLOPs on the meta device (``FlopCounterMode``), no weights.
 
-SD3-medium and FLUX.1-dev through ``meta_flops`` (real ``StableDiffusion3Pipeline`` / ``FluxPipeline`` objects);
-SD1.5 and SDXL as full-size ``UNet2DConditionModel``s on the meta device inside real ``StableDiffusionPipeline`` /
-``StableDiffusionXLPipeline`` objects, each at its native resolution. Per model, three head sets written out below
-(one early layer, a paper-like set of 24 heads mostly in the first half of the layers, a style set spread over all
-layers), each with CFG on (2 base rows) and CFG off (1 base row, the setting HeadHunter searches in): plain forward
-(1 row, no guidance), CFG-only step (the base rows), eager, fused, and the theoretical minimum (base rows through
-everything, plus the twin row from the fork unit on, minus the attention skipped by identity heads; the same fork
-units as the code). FLUX.1-dev uses distilled guidance: only the 1-row case. Each count carries the roofline
-projection of its H100 time (``roofline.py``).
+SD3-medium, FLUX.1-dev, FLUX.2-dev, Qwen-Image and Wan 2.1 T2V-14B through ``meta_flops`` (real
+``StableDiffusion3Pipeline`` / ``FluxPipeline`` / ``Flux2Pipeline`` / ``QwenImagePipeline`` / ``WanPipeline`` objects,
+full-size configs written out in ``meta_flops``); SD1.5 and SDXL as full-size ``UNet2DConditionModel``s on the meta
+device inside real ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` objects, each at its native
+resolution. Per model, three head sets written out below (one early layer, a paper-like set of 24 heads mostly in
+the first half of the layers, a style set spread over all layers), each with CFG on (2 base rows) and CFG off
+(1 base row, the setting HeadHunter searches in): plain forward (1 row, no guidance), CFG-only step (the base
+rows), eager, fused, and the theoretical minimum (base rows through everything, plus the twin row from the fork
+unit on, minus the attention skipped by identity heads; the same fork units as the code). FLUX.1-dev: distilled
+guidance (1 row) and true CFG (a cond and an uncond call); FLUX.2-dev: distilled guidance only; Qwen-Image (true
+CFG) and Wan (CFG): a 1-row cond call and a 1-row uncond call per step under ``cache_context("cond")`` /
+``("uncond")``, or the cond call alone with CFG off. Each count carries the roofline projection of its H100 time
+(``roofline.py``).
 """
 
 from __future__ import annotations
@@ -47,7 +51,9 @@ def _h(pairs) -> str:
 # Head sets per model, written out. "L:*" is expanded to every head of layer L (the minimum counts heads).
 # SD3-medium: 24 layers x 24 heads. FLUX.1-dev: 19 double + 38 single = 57 layers x 24 heads.
 # SD1.5: 16 self-attention layers x 8 heads (down 0-5, mid 6, up 7-15). SDXL: 70 layers (down 0-23, mid 24-33,
-# up 34-69), 10 heads in down_blocks.1 / up_blocks.1 (layers 0-3, 64-69), 20 elsewhere.
+# up 34-69), 10 heads in down_blocks.1 / up_blocks.1 (layers 0-3, 64-69), 20 elsewhere. FLUX.2-dev: 8 double +
+# 48 single = 56 layers x 48 heads. Qwen-Image: 60 layers x 24 heads. Wan 2.1 T2V-14B: 40 self-attention layers x
+# 40 heads.
 HEAD_SETS = {
     "SD3-medium": {
         "early": "1:*",
@@ -60,6 +66,25 @@ HEAD_SETS = {
         "paper-like": _h([(layer, h) for layer in range(2, 24, 2) for h in (layer % 24, (layer + 5) % 24)]
                          + [(40, 1), (50, 2)]),
         "style": _h([(layer, (7 * layer) % 24) for layer in range(0, 57, 2)][:24] + [(56, 0)]),
+    },
+    "FLUX.2-dev": {
+        "early": "1:*",
+        "paper-like": _h([(layer, h) for layer in range(2, 24, 2) for h in (layer % 48, (layer + 17) % 48)]
+                         + [(40, 5), (50, 9)]),
+        "style": _h([(layer, (7 * layer) % 48) for layer in range(0, 56, 2)] + [(55, 0)]),
+    },
+    "Qwen-Image": {
+        "early": "1:*",
+        "paper-like": _h([(layer, h) for layer in range(2, 24, 2) for h in (layer % 24, (layer + 7) % 24)]
+                         + [(40, 1), (50, 2)]),
+        "style": _h(sorted([(layer, (5 * layer) % 24) for layer in range(0, 60, 5)]
+                           + [(layer, (5 * layer + 12) % 24) for layer in range(2, 60, 5)])),
+    },
+    "Wan2.1-T2V-14B": {
+        "early": "1:*",
+        "paper-like": _h([(layer, h) for layer in range(2, 13) for h in (layer % 40, (layer + 13) % 40)]
+                         + [(24, 1), (32, 2)]),
+        "style": _h(sorted([(layer, (7 * layer) % 40) for start in (0, 2, 4) for layer in range(start, 40, 5)])),
     },
     "SD1.5": {
         "early": "1:*",
@@ -212,11 +237,21 @@ def models():
     mf = meta_flops
     cfg = {"cfg_on": dict(n_base=2, guidance=7.0), "cfg_off": dict(n_base=1, guidance=1.0)}
     flux = {"distilled": dict(n_base=1), "true_cfg": dict(n_base=2, call=mf.flux_true_cfg_call)}
+    qwen = {"true_cfg": dict(n_base=2), "cfg_off": dict(n_base=1)}
+    wan = {"cfg_on": dict(n_base=2), "cfg_off": dict(n_base=1)}
+    flux2_img, qwen_img = mf.FLUX2_SIDE ** 2, mf.QWEN_SIDE ** 2
     return [
         ("SD3-medium", lambda: mf.sd3_pipe(mf.SD3_MEDIUM), mf.sd3_call, "transformer", cfg,
          "1024x1024, 4096 image + 333 text tokens", 4096 + mf.SD3_TEXT),
         ("FLUX.1-dev", lambda: mf.flux_pipe(mf.FLUX_DEV), mf.flux_call, "transformer", flux,
          "1024x1024, 4096 image + 512 text tokens", 4096 + mf.FLUX_TEXT),
+        ("FLUX.2-dev", mf.flux2_pipe, mf.flux2_call, "transformer", {"distilled": dict(n_base=1)},
+         f"1024x1024, {flux2_img} image + {mf.FLUX2_TEXT} text tokens", flux2_img + mf.FLUX2_TEXT),
+        ("Qwen-Image", mf.qwen_pipe, mf.qwen_true_cfg_call, "transformer", qwen,
+         f"1328x1328, {qwen_img} image + {mf.QWEN_TEXT} text tokens", qwen_img + mf.QWEN_TEXT),
+        ("Wan2.1-T2V-14B", mf.wan_pipe, mf.wan_cfg_call, "transformer", wan,
+         f"832x480x81 frames, {mf.WAN_TOKENS} video tokens (self-attention) + {mf.WAN_TEXT} text tokens "
+         "(cross-attention)", mf.WAN_TOKENS),
         ("SD1.5", sd15_pipe, unet_call(SD15_LATENT, SD15_TEXT, sdxl=False), "unet", cfg,
          "512x512, 64x64 latents, 77 text tokens", None),
         ("SDXL", sdxl_pipe, unet_call(SDXL_LATENT, SDXL_TEXT, sdxl=True), "unet", cfg,

@@ -5,15 +5,18 @@
 would count as 0 FLOPs, hence meta.
 
 The models are built from real configs under ``with torch.device("meta")`` and wrapped in real
-``StableDiffusion3Pipeline`` / ``FluxPipeline`` objects (no VAE, no text encoders, a real scheduler with 28
-timesteps), so ``headpag.enable_fused`` / ``enable_eager`` patch them exactly as they patch a loaded pipeline.
-The denoiser is then called once, as the pipeline's loop calls it for one step (headpag treats every call on
-meta as guided: the step position cannot be read from a meta timestep).
+``StableDiffusion3Pipeline`` / ``FluxPipeline`` / ``Flux2Pipeline`` / ``QwenImagePipeline`` / ``WanPipeline``
+objects (no VAE, no text encoders, a real scheduler with 28 timesteps), so ``headpag.enable_fused`` /
+``enable_eager`` patch them exactly as they patch a loaded pipeline. The denoiser is then called as the pipeline's
+loop calls it for one step (headpag treats every call on meta as guided: the step position cannot be read from a
+meta timestep).
 
 Contenders (``count_variant``): CFG only (the base rows: 2 ``[uncond, cond]`` with CFG, 1 without or for Flux's
-distilled guidance), headpag fused (base rows up to the fork unit, then one twin per cond row), headpag eager
-(the base call plus a separate 1-row perturbed forward), diffusers' ``StableDiffusion3PAGPipeline`` processors on
-the same layers (3 rows through every block).
+distilled guidance; for the pipelines with separate cond and uncond calls, Flux's true CFG, Qwen-Image and Wan, a
+1-row cond call under ``cache_context("cond")`` and a 1-row uncond call under ``cache_context("uncond")``),
+headpag fused (base rows up to the fork unit, then one twin per cond row), headpag eager (the base call plus a
+separate 1-row perturbed forward), diffusers' ``StableDiffusion3PAGPipeline`` processors on the same layers (3 rows
+through every block).
 
 Theoretical minimum of a guided step (``analyse``): the base rows through the whole denoiser, plus each twin row
 through the fork unit (the first forward-loop unit holding a selected head) and everything after it, minus the
@@ -47,6 +50,39 @@ FLUX_DEV = dict(
 )
 SD3_TEXT, FLUX_TEXT = 333, 512
 LATENT = 128  # 1024 px / VAE factor 8
+
+# FLUX.2-dev: Flux2Transformer2DModel's __init__ defaults (diffusers 0.42), which are dev's: 8 double + 48 single
+# blocks x 48 heads of 128, joint_attention_dim 15360 (3 Mistral-Small-3.1 hidden layers of 5120 stacked).
+FLUX2_DEV = dict(
+    patch_size=1, in_channels=128, out_channels=None, num_layers=8, num_single_layers=48, attention_head_dim=128,
+    num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0,
+    axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=True,
+)
+# Qwen-Image: QwenImageTransformer2DModel's __init__ defaults: 60 double-stream blocks x 24 heads of 128,
+# joint_attention_dim 3584 (Qwen2.5-VL-7B hidden states), no guidance embedding (true CFG).
+QWEN_IMAGE = dict(
+    patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56), zero_cond_t=False,
+    use_additional_t_cond=False, use_layer3d_rope=False,
+)
+# Wan 2.1 T2V-14B: WanTransformer3DModel's __init__ defaults: 40 blocks x 40 heads of 128, ffn 13824, text_dim 4096
+# (UMT5-XXL), no image cross-attention (T2V).
+WAN_T2V_14B = dict(
+    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024, pos_embed_seq_len=None,
+)
+# Native resolutions. FLUX.2-dev 1024x1024: VAE factor 8 -> 128x128 latents of 32 channels, patchified 2x2 by the
+# pipeline -> 64x64 = 4096 tokens of 128 channels; 512 text tokens (Flux2Pipeline's max_sequence_length).
+FLUX2_SIDE, FLUX2_TEXT = 64, 512
+# Qwen-Image 1328x1328 (its 1:1 native size): VAE factor 8 -> 166x166 latents, packed 2x2 -> 83x83 = 6889 tokens of
+# 64 channels; 256 text tokens (the prompt's own length after the 34-token template is dropped; the pipeline pads
+# to the longest prompt, at most 1024 - here an assumed long prompt).
+QWEN_SIDE, QWEN_TEXT = 83, 256
+# Wan 2.1 T2V-14B 832x480, 81 frames: VAE 4x8x8 -> 21 x 60 x 104 latents, patch 1x2x2 -> 21 x 30 x 52 = 32760 video
+# tokens; 512 UMT5 text tokens (WanPipeline's max_sequence_length), cross-attention only.
+WAN_FRAMES, WAN_HEIGHT, WAN_WIDTH, WAN_TEXT = 21, 60, 104, 512
+WAN_TOKENS = WAN_FRAMES * (WAN_HEIGHT // 2) * (WAN_WIDTH // 2)
 SCALE = 3.0
 STEPS = 28
 
@@ -80,13 +116,13 @@ def children(per_module: dict, root: str, loops: tuple[str, ...] = TRANSFORMER_L
 
 
 def _minimum(cfg_children: dict, cfg_total: int, n_base: int, n_twin: int, units: list, fork: int,
-             identity_pairs: int, N: int, D: int) -> dict:
+             identity_pairs: int, N: int, D: int, loops: tuple[str, ...] = TRANSFORMER_LOOPS) -> dict:
     """The theoretical minimum of a guided step (see the module docstring) and its parts."""
     per_row = {k: v / n_base for k, v in cfg_children.items()}
     after_fork = sum(per_row.get(u, 0) for u in units[fork:]) + sum(per_row.get(m, 0) for m in ("norm_out", "proj_out"))
     skipped = identity_pairs * n_twin * 4 * N * N * D
     minimum = cfg_total + n_twin * after_fork - skipped
-    pre_loop = {k: v for k, v in per_row.items() if not k.startswith(("transformer_blocks.", "single_transformer_blocks."))
+    pre_loop = {k: v for k, v in per_row.items() if not k.startswith(tuple(f"{loop}." for loop in loops))
                 and k not in ("norm_out", "proj_out")}
     return dict(flops=int(round(minimum)), twin_row_after_fork=int(round(after_fork)), identity_skipped=skipped,
                 per_row_pre_loop={k: int(v) for k, v in pre_loop.items()})
@@ -189,6 +225,126 @@ def flux_true_cfg_call(pipe, rows: int, latent: int = LATENT, n_text: int = FLUX
     return call
 
 
+def _separate_cfg(single, pipe, rows: int, family: str):
+    """A pipeline step with separate cond and uncond calls (true CFG): ``single(pipe, 1, context)`` is one 1-row
+    call under ``cache_context(context)``; the cond call first, then the uncond call, as the pipelines' loops make
+    them (headpag twins the cond call and shifts the uncond call by its delta). ``rows`` counts both calls (2), or 1
+    for the cond call alone (CFG off)."""
+    if rows == 1:
+        return single(pipe, 1, "cond")
+    if rows != 2:
+        raise ValueError(f"rows must be 1 or 2 for {family} (cond, uncond), got {rows}")
+    cond, uncond = single(pipe, 1, "cond"), single(pipe, 1, "uncond")
+
+    def call():
+        return cond(), uncond()
+
+    return call
+
+
+def flux2_pipe(config: dict = FLUX2_DEV):
+    """A ``Flux2Pipeline`` around a ``Flux2Transformer2DModel(**config)`` built on the meta device (FLUX.2-dev:
+    distilled guidance, one cond call per step, no cache_context)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+
+    with torch.device("meta"):
+        transformer = Flux2Transformer2DModel(**config).eval()
+    pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                         transformer=transformer)
+    pipe.scheduler.set_timesteps(STEPS)
+    pipe._guidance_scale = 4.0
+    pipe._attention_kwargs = None
+    return pipe
+
+
+def flux2_call(pipe, rows: int, side: int = FLUX2_SIDE, n_text: int = FLUX2_TEXT):
+    """One FLUX.2 denoiser call as Flux2Pipeline makes it: packed latents ``(rows, side^2, in_channels)``, timestep
+    and guidance per row (the pipeline passes ``t / 1000``; meta here), 4-axis position ids ``(rows, L, 4)``."""
+    cfg = pipe.transformer.config
+    n_img = side * side
+    return lambda: pipe.transformer(
+        hidden_states=_meta(rows, n_img, cfg.in_channels), timestep=_meta(rows), guidance=_meta(rows),
+        encoder_hidden_states=_meta(rows, n_text, cfg.joint_attention_dim), txt_ids=_meta(rows, n_text, 4),
+        img_ids=_meta(rows, n_img, 4), joint_attention_kwargs=None, return_dict=False,
+    )
+
+
+def qwen_pipe(config: dict = QWEN_IMAGE):
+    """A ``QwenImagePipeline`` around a ``QwenImageTransformer2DModel(**config)`` built on the meta device."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+
+    with torch.device("meta"):
+        transformer = QwenImageTransformer2DModel(**config).eval()
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                             transformer=transformer)
+    pipe.scheduler.set_timesteps(STEPS)
+    pipe._attention_kwargs = {}  # what QwenImagePipeline.__call__ sets when none is given
+    return pipe
+
+
+def qwen_call(pipe, rows: int, context: str = "cond", side: int = QWEN_SIDE, n_text: int = QWEN_TEXT):
+    """One Qwen-Image denoiser call under ``cache_context(context)`` as QwenImagePipeline makes it: packed latents
+    ``(rows, side^2, in_channels)``, ``t / 1000`` per row (meta here), no guidance embedding, no text mask (the
+    pipeline drops an all-ones mask), ``img_shapes`` one ``(1, side, side)`` per row."""
+    cfg = pipe.transformer.config
+
+    def call():
+        with pipe.transformer.cache_context(context):
+            return pipe.transformer(
+                hidden_states=_meta(rows, side * side, cfg.in_channels), timestep=_meta(rows), guidance=None,
+                encoder_hidden_states_mask=None, encoder_hidden_states=_meta(rows, n_text, cfg.joint_attention_dim),
+                img_shapes=[[(1, side, side)]] * rows, attention_kwargs=pipe.attention_kwargs, return_dict=False,
+            )
+
+    return call
+
+
+def qwen_true_cfg_call(pipe, rows: int, side: int = QWEN_SIDE, n_text: int = QWEN_TEXT):
+    """QwenImagePipeline's step: with true CFG (``true_cfg_scale > 1`` and a negative prompt, the default) a 1-row cond
+    call under ``cache_context("cond")`` then a 1-row uncond call under ``cache_context("uncond")`` (``rows`` = 2);
+    CFG off: the cond call alone (``rows`` = 1)."""
+    return _separate_cfg(lambda p, r, context: qwen_call(p, r, context, side, n_text), pipe, rows, "Qwen-Image")
+
+
+def wan_pipe(config: dict = WAN_T2V_14B):
+    """A ``WanPipeline`` around a ``WanTransformer3DModel(**config)`` built on the meta device, with the
+    Wan-AI/Wan2.1-T2V-14B-Diffusers scheduler (UniPC, flow prediction; flow_shift 3.0 for 480p)."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    with torch.device("meta"):
+        transformer = WanTransformer3DModel(**config).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
+    pipe.scheduler.set_timesteps(STEPS)
+    pipe._guidance_scale = 5.0
+    pipe._attention_kwargs = None
+    return pipe
+
+
+def wan_call(pipe, rows: int, context: str = "cond", frames: int = WAN_FRAMES, height: int = WAN_HEIGHT,
+             width: int = WAN_WIDTH, n_text: int = WAN_TEXT):
+    """One Wan denoiser call under ``cache_context(context)`` as WanPipeline makes it: latents
+    ``(rows, C, frames, height, width)``, the scheduler's timestep per row (meta here), UMT5 text embeddings."""
+    cfg = pipe.transformer.config
+
+    def call():
+        with pipe.transformer.cache_context(context):
+            return pipe.transformer(
+                hidden_states=_meta(rows, cfg.in_channels, frames, height, width), timestep=_meta(rows),
+                encoder_hidden_states=_meta(rows, n_text, cfg.text_dim), attention_kwargs=None, return_dict=False,
+            )
+
+    return call
+
+
+def wan_cfg_call(pipe, rows: int, frames: int = WAN_FRAMES, height: int = WAN_HEIGHT, width: int = WAN_WIDTH,
+                 n_text: int = WAN_TEXT):
+    """WanPipeline's step: with CFG (``guidance_scale > 1``, the default 5.0) a 1-row cond call under
+    ``cache_context("cond")`` then a 1-row uncond call under ``cache_context("uncond")`` (``rows`` = 2); CFG off:
+    the cond call alone (``rows`` = 1)."""
+    return _separate_cfg(lambda p, r, context: wan_call(p, r, context, frames, height, width, n_text), pipe, rows, "Wan")
+
+
 def diffusers_pag_regexes(layers) -> list[str]:
     """``pag_applied_layers`` selecting exactly the joint attention of ``transformer_blocks[i]`` for i in layers
     (anchored: diffusers' ids are unanchored regexes, "blocks.1" would also hit blocks 10-19)."""
@@ -232,17 +388,19 @@ def count_variant(pipe, call, n_base: int, spec: dict) -> tuple[int, dict]:
 def analyse(name: str, pipe, call, n_base: int, heads: str, n_tokens: int, with_diffusers: bool = False) -> dict:
     """Counts every contender of one guided step on ``pipe`` (a transformer pipeline; ``call(pipe, rows)`` makes
     the denoiser call) with ``heads`` selected (u=1, joint mode) and compares fused with the theoretical minimum.
-    ``n_tokens``: the sequence length of the joint attention (image + text tokens)."""
+    ``n_tokens``: the sequence length of the selected layers' attention (image + text tokens for joint attention,
+    the video tokens for Wan's self-attention)."""
     model = pipe.transformer
     root = type(model).__name__
     units = forward_units(model)
+    loops = tuple(dict.fromkeys(u.rsplit(".", 1)[0] for u in units))  # the module lists of the forward loop
     layers = list_layers(model)
     per_layer = defaultdict(int)  # selected heads per layer
     for item in heads.split(","):
         per_layer[int(item.split(":")[0])] += 1
     selected = sorted(per_layer)
     fork = min(units.index(layers[i].fork_unit) for i in selected)
-    n_twin = 1  # one twin per cond row: SD3 [uncond, cond] + twin, Flux [cond] + twin
+    n_twin = 1  # one twin per cond row: SD3 [uncond, cond] + twin, Flux [cond] + twin, separate calls: cond + twin
     D = layers[selected[0]].head_dim
     N = n_tokens
 
@@ -254,11 +412,11 @@ def analyse(name: str, pipe, call, n_base: int, heads: str, n_tokens: int, with_
     for key, spec in specs.items():
         total, modules = count_variant(pipe, call, n_base, spec)
         results[key] = total
-        per_module[key] = children(modules, root)
+        per_module[key] = children(modules, root, loops)
     seconds = time.perf_counter() - t0
     cfg_total, cfg_children = results["cfg_only"], per_module["cfg_only"]
 
-    minimum = _minimum(cfg_children, cfg_total, n_base, n_twin, units, fork, len(heads.split(",")), N, D)
+    minimum = _minimum(cfg_children, cfg_total, n_base, n_twin, units, fork, len(heads.split(",")), N, D, loops)
     results["minimum"] = minimum["flops"]
     identity_by_unit = defaultdict(int)
     for i, n_heads in per_layer.items():
