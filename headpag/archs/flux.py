@@ -41,3 +41,12 @@ SEPARATE_TRUE_CFG = SeparateCalls("separate_calls", {}, cfg=lambda pipe: bool(ca
 for _pipeline in ("FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline", "FluxControlNetPipeline"):
     register_pipeline(_pipeline, SEPARATE_TRUE_CFG)
 register_pipeline("FluxFillPipeline", "separate")  # no true CFG: one cond call per step
+
+# FLUX.1 Control (Canny/Depth): the control latents are concatenated to ``hidden_states`` as extra channels (per row,
+# nothing to add); one cond call per step, no true CFG. The ControlNet img2img / inpaint loops likewise make one
+# transformer call per step (the FluxControlNetModel call before it is not the denoiser's), without true CFG.
+for _pipeline in ("FluxControlPipeline", "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline",
+                  "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline"):
+    register_pipeline(_pipeline, "separate")
+# Kontext inpaint: true CFG (``do_true_cfg`` local) as a second, unnamed call on the same ``latent_model_input``.
+register_pipeline("FluxKontextInpaintPipeline", SEPARATE_TRUE_CFG)

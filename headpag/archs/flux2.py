@@ -41,3 +41,6 @@ register_pipeline("Flux2Pipeline", "separate")
 # FLUX.2-klein: cond call under cache_context("cond"), true CFG (guidance_scale > 1, not is_distilled) as a second
 # call under cache_context("uncond"); guidance_scale=1 turns CFG off.
 register_pipeline("Flux2KleinPipeline", CallPattern("separate", {"guidance_scale": 1.0}))
+# FLUX.2-klein inpaint: the same loop as Flux2KleinPipeline (cond / uncond calls under their cache contexts, CFG for
+# guidance_scale > 1 unless is_distilled), the condition-image tokens appended to the image tokens.
+register_pipeline("Flux2KleinInpaintPipeline", CallPattern("separate", {"guidance_scale": 1.0}))
