@@ -33,3 +33,6 @@ HUNYUANDIT = register_architecture(Architecture(
 ))
 
 register_pipeline("HunyuanDiTPipeline", "uncond_cond")
+# ControlNet: the same [uncond, cond] loop (a timestep per row); the HunyuanDiT2DControlNetModel's residual list
+# (controlnet_block_samples, popped by the forward) is added to the long skips of the second half.
+register_pipeline("HunyuanDiTControlNetPipeline", "uncond_cond")

@@ -57,3 +57,7 @@ _SEPARATE = CallPattern("separate", {"true_cfg_scale": 1.0})
 for _pipeline in ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline", "QwenImageEditPipeline",
                   "QwenImageEditPlusPipeline"):
     register_pipeline(_pipeline, _SEPARATE)
+# Edit-inpaint (reference latents appended, known region blended back) and ControlNet (QwenImageControlNetModel
+# residuals per row in controlnet_block_samples, the cond call's reused by the uncond call): the same true-CFG loop.
+for _pipeline in ("QwenImageEditInpaintPipeline", "QwenImageControlNetPipeline"):
+    register_pipeline(_pipeline, _SEPARATE)

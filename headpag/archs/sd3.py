@@ -28,3 +28,6 @@ register_pipeline("StableDiffusion3Pipeline", "uncond_cond")  # with skip-layer 
 # Image-conditioned variants: the same [uncond, cond] loop, no skip-layer guidance.
 for _pipeline in ("StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"):
     register_pipeline(_pipeline, "uncond_cond")
+# ControlNet: the same [uncond, cond] loop; the SD3ControlNetModel's residuals reach the transformer per row as
+# block_controlnet_hidden_states (added to the image stream after each block, outside the fork unit).
+register_pipeline("StableDiffusion3ControlNetPipeline", "uncond_cond")

@@ -62,3 +62,5 @@ for _pipeline in ("StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipel
                   "StableDiffusionControlNetInpaintPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
                   "KolorsPipeline", "KolorsImg2ImgPipeline"):
     register_pipeline(_pipeline, "uncond_cond")
+for _pipeline in ("StableDiffusionControlNetImg2ImgPipeline", "StableDiffusionXLControlNetInpaintPipeline"):
+    register_pipeline(_pipeline, "uncond_cond")

@@ -1,0 +1,190 @@
+"""More variants of existing families (tests/support/models_variants_more.py): SD ControlNet img2img, SDXL ControlNet
+inpaint (9- and 4-channel UNets), SD3 ControlNet, HunyuanDiT ControlNet, Qwen-Image edit-inpaint and ControlNet.
+
+Per pipeline: its registered call pattern, the layer table and the order one denoiser call runs the layers, that the
+ControlNet's residuals reach the denoiser (else the per-row residual arguments would go untested), fused == eager
+with guidance, ``disable`` and ``scale=0`` bit-exact, CFG on and off, 2 prompts x 2 images each. diffusers has no
+PAG pipeline for any of these variants (diffusers 0.42.1: its PAG ControlNet pipelines are SD text-to-image / inpaint
+and SDXL text-to-image / img2img only), so there is no parity test here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import headpag
+from headpag.archs import call_pattern_of, forward_units
+from support import models as M
+from support import models_variants_more as X
+from support.checks import MIN_EFFECT, check_fused_eager_restore, effect, patched
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _tb(block: str, attention: int, k: int = 0) -> str:
+    return f"{block}.attentions.{attention}.transformer_blocks.{k}.attn1"
+
+
+# [(name, fork unit)], heads, head dims, kind, forward units
+SD_LAYOUT = (
+    [(_tb("down_blocks.0", 0), "down_blocks.0"), (_tb("down_blocks.0", 1), "down_blocks.0"),
+     (_tb("mid_block", 0), "mid_block"), (_tb("up_blocks.1", 0), "up_blocks.1"),
+     (_tb("up_blocks.1", 1), "up_blocks.1"), (_tb("up_blocks.1", 2), "up_blocks.1")],
+    [4] * 6, [4, 4, 8, 4, 4, 4], "self",
+    ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"],
+)
+SDXL_LAYOUT = (
+    [(_tb("down_blocks.1", 0, 0), "down_blocks.1"), (_tb("down_blocks.1", 0, 1), "down_blocks.1"),
+     (_tb("mid_block", 0, 0), "mid_block"), (_tb("mid_block", 0, 1), "mid_block"),
+     (_tb("up_blocks.0", 0, 0), "up_blocks.0"), (_tb("up_blocks.0", 0, 1), "up_blocks.0"),
+     (_tb("up_blocks.0", 1, 0), "up_blocks.0"), (_tb("up_blocks.0", 1, 1), "up_blocks.0")],
+    [4] * 8, [8] * 8, "self",
+    ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"],
+)
+
+
+def _blocks(prefix: str, attention: str, n: int, heads: int, head_dim: int, kind: str) -> tuple:
+    return ([(f"{prefix}.{i}.{attention}", f"{prefix}.{i}") for i in range(n)], [heads] * n, [head_dim] * n, kind,
+            [f"{prefix}.{i}" for i in range(n)])
+
+
+SD3_LAYOUT = _blocks("transformer_blocks", "attn", 3, 4, 8, "joint")
+HUNYUAN_LAYOUT = _blocks("blocks", "attn1", 6, 2, 8, "self")
+QWEN_LAYOUT = _blocks("transformer_blocks", "attn", 3, 4, 16, "joint")
+
+# case: (factory overrides, layout, heads of the fused/eager check, mode)
+CASES = {
+    "sd_controlnet_img2img": ({}, SD_LAYOUT, "2:0,4:1@0.5", "joint"),  # the ControlNet's mid residual at the fork
+    "sd_controlnet_img2img-down": ({}, SD_LAYOUT, "0:3,5:*@0.7", "joint"),  # fork at the first unit
+    "sdxl_controlnet_inpaint": ({}, SDXL_LAYOUT, "1:2,6:0", "joint"),  # down residuals into the forked down block
+    "sdxl_controlnet_inpaint-4ch": (dict(in_channels=4), SDXL_LAYOUT, "3:1,5:3@0.5", "joint"),  # blend-back path
+    "sd3_controlnet": ({}, SD3_LAYOUT, "0:1,2:3@0.5", "image"),
+    "sd3_controlnet-joint": ({}, SD3_LAYOUT, "1:0,1:2@0.5", "joint"),  # residuals added before and after the fork
+    "hunyuandit_controlnet": ({}, HUNYUAN_LAYOUT, "1:0,4:1@0.5", "joint"),  # residual + skip into forked block 4
+    "hunyuandit_controlnet-last": ({}, HUNYUAN_LAYOUT, "5:*@0.7", "joint"),  # both residuals' blocks; one forked
+    "qwen_edit_inpaint": ({}, QWEN_LAYOUT, "1:0,2:3@0.5", "image"),  # reference tokens appended to the image's
+    "qwen_edit_inpaint-joint": ({}, QWEN_LAYOUT, "0:2,2:*@0.5", "joint"),
+    "qwen_controlnet": ({}, QWEN_LAYOUT, "1:0,2:3@0.5", "image"),
+    "qwen_controlnet-joint": ({}, QWEN_LAYOUT, "0:1,1:3@0.5", "joint"),
+}
+
+# variant: (pipeline class name, pattern name, cfg_off)
+PATTERNS = {
+    "sd_controlnet_img2img": ("StableDiffusionControlNetImg2ImgPipeline", "uncond_cond", {"guidance_scale": 1.0}),
+    "sdxl_controlnet_inpaint": ("StableDiffusionXLControlNetInpaintPipeline", "uncond_cond", {"guidance_scale": 1.0}),
+    "sd3_controlnet": ("StableDiffusion3ControlNetPipeline", "uncond_cond", {"guidance_scale": 1.0}),
+    "hunyuandit_controlnet": ("HunyuanDiTControlNetPipeline", "uncond_cond", {"guidance_scale": 1.0}),
+    "qwen_edit_inpaint": ("QwenImageEditInpaintPipeline", "separate", {"true_cfg_scale": 1.0}),
+    "qwen_controlnet": ("QwenImageControlNetPipeline", "separate", {"true_cfg_scale": 1.0}),
+}
+
+
+def _variant(case: str) -> str:
+    return case.split("-")[0]
+
+
+def _inputs(case: str, cfg: bool = True, **kw) -> dict:
+    variant = _variant(case)
+    if variant.startswith("qwen"):
+        kw.setdefault("true_cfg_scale", 4.0 if cfg else 1.0)
+    else:
+        kw.setdefault("cfg", 5.0 if cfg else 1.0)
+    return X.VARIANTS[variant][1](**kw)
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    """One pipeline per case, built on first use; the Qwen edit pipeline's image resize scaled down throughout."""
+    cache = {}
+
+    def get(case):
+        key = (_variant(case), tuple(sorted(CASES[case][0].items())))
+        if key not in cache:
+            cache[key] = X.VARIANTS[_variant(case)][0](**CASES[case][0])
+        return cache[key]
+
+    with X.small_images():
+        yield get
+
+
+@pytest.mark.parametrize("variant", list(PATTERNS))
+def test_registered_pattern(variant, pipes):
+    pipe = pipes(variant)
+    name, pattern, cfg_off = PATTERNS[variant]
+    assert type(pipe).__name__ == name
+    registered = call_pattern_of(pipe)
+    assert registered.name == pattern and dict(registered.cfg_off) == cfg_off
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "-" not in c or c.endswith("-4ch")])
+def test_layer_table(case, pipes):
+    """Index space, heads, head dims, kind and fork units, and the order in which one denoiser call of the pipeline
+    really runs the self-/joint-attention modules (found by name, independently of list_layers)."""
+    pipe = pipes(case)
+    expected, heads, head_dims, kind, units = CASES[case][1]
+    layers = headpag.list_layers(pipe)
+    assert [x.index for x in layers] == list(range(len(expected)))
+    assert [(x.name, x.fork_unit) for x in layers] == expected
+    assert [x.heads for x in layers] == heads and [x.head_dim for x in layers] == head_dims
+    assert {x.kind for x in layers} == {kind}
+    assert forward_units(pipe) == units
+
+    den = M.denoiser(pipe)
+    calls = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: calls.append(n))
+               for n, m in den.named_modules() if n.endswith((".attn", ".attn1"))]
+    try:  # 2 steps: the image-conditioned ones run the last one or two of them
+        M.run(pipe, _inputs(case, cfg=False, steps=2, **_one(case)))
+    finally:
+        for h in handles:
+            h.remove()
+    n_calls = len(calls) // len(layers)
+    assert n_calls >= 1 and calls == [x.name for x in layers] * n_calls
+
+
+def _one(case: str) -> dict:
+    """One prompt, one image."""
+    if _variant(case).startswith("qwen"):
+        return dict(prompts=1, images_per_prompt=1)
+    return dict(batch=1, num_images_per_prompt=1)
+
+
+CONTROL_SCALE_OFF = {"sd_controlnet_img2img": 0.0, "sdxl_controlnet_inpaint": 0.0, "sd3_controlnet": 0.0,
+                     "hunyuandit_controlnet": 0.0, "qwen_controlnet": 0.0}
+
+
+@pytest.mark.parametrize("variant", list(CONTROL_SCALE_OFF))
+def test_control_reaches_the_denoiser(variant, pipes):
+    """The tiny ControlNets' residuals are not zero: switching them off changes the output."""
+    pipe = pipes(variant)
+    inputs = _inputs(variant)
+    off = M.run(pipe, {**inputs, "controlnet_conditioning_scale": CONTROL_SCALE_OFF[variant]})
+    assert effect(M.run(pipe, inputs), off) > MIN_EFFECT
+
+
+@pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "no_cfg"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_eager_restore(case, cfg, pipes):
+    """Head-level selections (partial u too), 2 prompts x 2 images: fused == eager, guidance changes the output,
+    disable and scale=0 give the plain pipeline bit for bit."""
+    pipe = pipes(case)
+    inputs = _inputs(case, cfg=cfg)
+    _, _, heads, mode = CASES[case]
+    check_fused_eager_restore(pipe, inputs, heads, scale=3.0, mode=mode)
+    assert M.run(pipe, inputs).shape[0] == 4
+
+
+@pytest.mark.parametrize("variant", ["sdxl_controlnet_inpaint", "hunyuandit_controlnet"])
+def test_guidance_rescale_is_refused(variant, pipes):
+    """``guidance_rescale > 0`` rescales against the moved cond prediction: refused. StableDiffusionXLControlNet-
+    InpaintPipeline keeps it in a local of ``__call__`` only (its own pattern reads it there), HunyuanDiT's ControlNet
+    pipeline as ``pipe.guidance_rescale``."""
+    pipe = pipes(variant)
+    inputs = _inputs(variant, steps=2)
+    plain = M.run(pipe, inputs)
+    with patched(pipe, "fused", "2:0", scale=3.0):
+        with pytest.raises(ValueError, match="guidance_rescale"):
+            M.run(pipe, {**inputs, "guidance_rescale": 0.7})
+        assert effect(M.run(pipe, inputs), plain) > MIN_EFFECT  # guidance_rescale=0 still runs
+    assert torch.equal(M.run(pipe, inputs), plain)
