@@ -8,13 +8,11 @@ family is registered for its layer table, single-frame calls run, and videos rai
 from __future__ import annotations
 
 import pytest
-import torch
 from diffusers import AnimateDiffPAGPipeline
 
 import headpag
-from support import models as M
 from support import models_pag_families as F
-from support.checks import ENABLE, MIN_EFFECT, close, effect, layer_index, patched, recorded_rows
+from support.checks import check_fused_eager_restore, check_matches_peer, layer_index, patched, recorded_rows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -22,22 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def animatediff_pipe():
     return F.animatediff()
-
-
-def guided_video(pipe, execution: str, heads, inputs: dict, **settings) -> torch.Tensor:
-    with patched(pipe, execution, heads, **settings):
-        return F.run_video(pipe, inputs)
-
-
-def check_fused_eager_restore(pipe, inputs: dict, heads, **settings) -> None:
-    """support.checks.check_fused_eager_restore for a pipeline whose output is ``.frames``."""
-    plain = F.run_video(pipe, inputs)
-    fused, eager = (guided_video(pipe, execution, heads, inputs, **settings) for execution in ENABLE)
-    close(fused, eager, "families")
-    assert effect(fused, plain) > MIN_EFFECT, "guidance changed nothing"
-    assert torch.equal(F.run_video(pipe, inputs), plain), "disable did not restore the pipeline"
-    assert torch.equal(guided_video(pipe, "fused", heads, inputs, **{**settings, "scale": 0.0}), plain), \
-        "scale=0 is not the plain pipeline"
 
 
 def test_animatediff_layers(animatediff_pipe):
@@ -60,7 +42,8 @@ def test_animatediff_layers(animatediff_pipe):
 @pytest.mark.parametrize("cfg", [7.5, 1.0], ids=["cfg", "no_cfg"])
 def test_animatediff_single_frame(animatediff_pipe, cfg):
     """One frame per video: frame rows are sample rows."""
-    check_fused_eager_restore(animatediff_pipe, F.animatediff_inputs(cfg=cfg, num_frames=1), "0:1,2:0@0.5", scale=3.0)
+    check_fused_eager_restore(animatediff_pipe, F.animatediff_inputs(cfg=cfg, num_frames=1), "0:1,2:0@0.5", scale=3.0,
+                              run=F.run_video)
 
 
 @pytest.mark.parametrize("cfg", [7.5, 1.0], ids=["cfg", "no_cfg"])
@@ -68,15 +51,9 @@ def test_animatediff_matches_diffusers_pag_pipeline(animatediff_pipe, cfg):
     """diffusers' default ``"mid_block.*attn1"`` also matches the mid block's motion-module ``attn1`` (temporal
     self-attention); ``"mid_block.attentions.0"`` is the spatial layer alone."""
     pipe = animatediff_pipe
-    inputs = F.animatediff_inputs(batch=2, cfg=cfg)
-    plain = F.run_video(pipe, inputs)
-    pag = M.peer(pipe, AnimateDiffPAGPipeline, pag_applied_layers=["mid_block.attentions.0"])
-    expected = F.run_video(pag, {**inputs, "pag_scale": 3.0})
-    assert expected.shape[:3] == (2, 4, F.ANIMATEDIFF_FRAMES) and effect(expected, plain) > MIN_EFFECT
-    mid = layer_index(pipe, "mid_block")
-    for execution in ENABLE:
-        out = guided_video(pipe, execution, f"{mid}:*", inputs, scale=3.0, u=1, mode="joint")
-        close(out, expected, "peer", f"{execution}, guidance_scale={cfg}")
+    check_matches_peer(pipe, F.animatediff_inputs(batch=2, cfg=cfg), AnimateDiffPAGPipeline,
+                       f"{layer_index(pipe, 'mid_block')}:*", rows=(2, 4, F.ANIMATEDIFF_FRAMES), run=F.run_video,
+                       pag_applied_layers=["mid_block.attentions.0"])
 
 
 @pytest.mark.parametrize("cfg", [7.5, 1.0], ids=["cfg", "no_cfg"])
@@ -85,14 +62,15 @@ def test_animatediff_matches_diffusers_pag_pipeline(animatediff_pipe, cfg):
     "4:*@0.7,5:2",  # fork at the last up block: the skips of earlier units are widened copies
 ])
 def test_animatediff_fused_eager_restore(animatediff_pipe, heads, cfg):
-    check_fused_eager_restore(animatediff_pipe, F.animatediff_inputs(batch=2, cfg=cfg), heads, scale=3.0)
+    check_fused_eager_restore(animatediff_pipe, F.animatediff_inputs(batch=2, cfg=cfg), heads, scale=3.0,
+                              run=F.run_video)
 
 
 def test_animatediff_without_mid_block_motion():
     """An adapter without a mid-block motion module: the mid block is a plain ``UNetMidBlock2DCrossAttn``."""
     pipe = F.animatediff(motion_mid_block=False)
     assert type(pipe.unet.mid_block).__name__ == "UNetMidBlock2DCrossAttn"
-    check_fused_eager_restore(pipe, F.animatediff_inputs(batch=2), "2:*@0.8,3:1", scale=3.0)
+    check_fused_eager_restore(pipe, F.animatediff_inputs(batch=2), "2:*@0.8,3:1", scale=3.0, run=F.run_video)
 
 
 @pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "no_cfg"])

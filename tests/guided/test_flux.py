@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-import headpag
 from support import models as M
-from support.checks import check_fused_eager_restore, recorded_rows
+from support.checks import check_fused_eager_restore, guided_rows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,8 +26,6 @@ def test_flux(flux_pipe, true_cfg_scale, mode):
 
 def test_flux_counts_calls(flux_pipe):
     """With true CFG each step makes two denoiser calls: the cond call carries the twins, the uncond call not."""
-    inputs = M.flux_inputs(batch=1, true_cfg_scale=4.0, steps=2)
-    with recorded_rows({"block0": flux_pipe.transformer.transformer_blocks[0]}) as log:
-        with headpag.fused(flux_pipe, "0:0"):
-            M.run(flux_pipe, inputs)
+    block0 = {"block0": flux_pipe.transformer.transformer_blocks[0]}
+    log, _ = guided_rows(flux_pipe, block0, "fused", "0:0", M.flux_inputs(batch=1, true_cfg_scale=4.0, steps=2))
     assert log["block0"] == [2, 1, 2, 1]

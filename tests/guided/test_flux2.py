@@ -6,19 +6,15 @@ the unpatched pipeline for scale=0 / after disable."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
-import torch
-import torch.nn.functional as F
 from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor, Flux2KVAttnProcessor
-from torch.overrides import TorchFunctionMode
 
 import headpag
 from support import models as M
 from support import models_flux2 as F2
-from support.checks import check_fused_eager_restore, effect, guided, patched, recorded_rows
-from support.tolerances import MIN_EFFECT, close
+from support.checks import check_fused_eager_restore, effect, guided_rows, patched
+from support.reference import check_matches_reference, module_pass, sdpa_perturbed_copy
+from support.tolerances import MIN_EFFECT
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -54,16 +50,14 @@ def test_flux2(flux2_pipe, mode):
 @pytest.mark.parametrize("cfg", [4.0, 1.0], ids=["true-cfg", "no-cfg"])
 @pytest.mark.parametrize("mode", ["joint", "image"])
 def test_klein(klein_pipe, cfg, mode):
-    check_fused_eager_restore(klein_pipe, F2.klein_inputs(batch=2, num_images_per_prompt=2, cfg=cfg), "0:0,1:*",
-                              mode=mode)
+    inputs = F2.klein_inputs(batch=2, num_images_per_prompt=2, cfg=cfg)
+    check_fused_eager_restore(klein_pipe, inputs, "0:0,1:*", mode=mode)
 
 
 def test_klein_counts_calls(klein_pipe):
     """With true CFG each step makes two denoiser calls: the cond call carries the twins, the uncond call not."""
-    inputs = F2.klein_inputs(batch=1, cfg=4.0, steps=2)
-    with recorded_rows({"block0": klein_pipe.transformer.transformer_blocks[0]}) as log:
-        with headpag.fused(klein_pipe, "0:0"):
-            M.run(klein_pipe, inputs)
+    block0 = {"block0": klein_pipe.transformer.transformer_blocks[0]}
+    log, _ = guided_rows(klein_pipe, block0, "fused", "0:0", F2.klein_inputs(batch=1, cfg=4.0, steps=2))
     assert log["block0"] == [2, 1, 2, 1]
 
 
@@ -74,17 +68,15 @@ def test_fork_at_a_single_block(flux2_pipe):
     blocks = {"double": den.transformer_blocks[0].attn, "single0": den.single_transformer_blocks[0].attn,
               "single1": den.single_transformer_blocks[1].attn}
     inputs = F2.flux2_inputs(batch=2, steps=1)
-    with recorded_rows(blocks) as log:
-        out = guided(flux2_pipe, "fused", "2:1", inputs)
+    log, out = guided_rows(flux2_pipe, blocks, "fused", "2:1", inputs)
     assert log == {"double": [2], "single0": [2], "single1": [4]}
     assert effect(out, M.run(flux2_pipe, inputs)) > MIN_EFFECT
 
 
 def test_interval_reads_the_pipelines_timestep(flux2_pipe):
     """FLUX.2 passes t / 1000: only the first of three steps lies in [0, 1/3)."""
-    inputs = F2.flux2_inputs(batch=1, steps=3)
-    with recorded_rows({"block0": flux2_pipe.transformer.transformer_blocks[0]}) as log:
-        guided(flux2_pipe, "fused", "0:0", inputs, interval=(0.0, 0.3))
+    block0 = {"block0": flux2_pipe.transformer.transformer_blocks[0]}
+    log, _ = guided_rows(flux2_pipe, block0, "fused", "0:0", F2.flux2_inputs(batch=1, steps=3), interval=(0.0, 0.3))
     assert log["block0"] == [2, 1, 1]
 
 
@@ -105,60 +97,6 @@ def test_kv_cache_processor_is_refused(klein_pipe):
 # --- against an independent perturbed pass ---------------------------------------------------------------------
 
 
-class TextFirstIdentity(TorchFunctionMode):
-    """The perturbed attention written independently on SDPA ``(B, H, N, D)``: ``joint`` returns the values (the
-    identity map); ``image`` masks every image-image pair off the diagonal, the *first* ``n_text`` tokens being the
-    text (FLUX.2's ``[text, image]`` order in both block kinds)."""
-
-    def __init__(self, mode: str, n_text: int):
-        super().__init__()
-        self.mode, self.n_text = mode, n_text
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        call = dict(zip(("query", "key", "value"), args)) | kwargs
-        assert call.get("attn_mask") is None
-        q, k, v = call["query"], call["key"], call["value"]
-        if self.mode == "joint":
-            return v.clone()
-        n = q.shape[-2]
-        image = torch.arange(n) >= self.n_text
-        block = image[:, None] & image[None, :] & ~torch.eye(n, dtype=torch.bool)
-        return func(q, k, v, attn_mask=torch.zeros(n, n, dtype=q.dtype).masked_fill(block, float("-inf")))
-
-
-def perturbed_copy(pipe, attention: str, mode: str) -> torch.nn.Module:
-    model = copy.deepcopy(pipe.transformer)
-    attn = model.get_submodule(attention)
-    original = attn.forward
-    # SDPA whatever the global backend (diffusers' set_attention_backend leaves its backend active after a reset)
-    attn.processor._attention_backend = "native"
-
-    def forward(*args, **kwargs):
-        with TextFirstIdentity(mode, F2.TEXT_LEN):
-            return original(*args, **kwargs)
-
-    attn.forward = forward
-    return model
-
-
-def reference_fold(pipe, perturbed: torch.nn.Module, scale: float, cfg: bool):
-    """A forward hook on the plain transformer: the cond call (the first of a step) gets ``delta = w * (cond -
-    perturbed(cond inputs))``; with true CFG the next call (the uncond one) gets the same delta."""
-    state = {"calls": 0}
-
-    def hook(module, args, kwargs, output):
-        uncond = cfg and state["calls"] % 2 == 1
-        state["calls"] += 1
-        if not uncond:
-            state["delta"] = scale * (output[0] - perturbed(*args, **kwargs)[0])
-        return (output[0] + state["delta"], *output[1:])
-
-    return pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-
-
 @pytest.mark.parametrize("mode", ["joint", "image"])
 @pytest.mark.parametrize(("kind", "layer", "attention", "cfg"), [
     ("flux2", 0, "transformer_blocks.0.attn", 1.0),
@@ -172,11 +110,7 @@ def test_every_head_of_a_layer_matches_an_independent_perturbed_pass(flux2_pipe,
     klein's separate uncond call."""
     pipe = flux2_pipe if kind == "flux2" else klein_pipe
     inputs = F2.flux2_inputs(batch=2) if kind == "flux2" else F2.klein_inputs(batch=2, cfg=cfg)
-    handle = reference_fold(pipe, perturbed_copy(pipe, attention, mode), scale=2.0, cfg=cfg > 1)
-    try:
-        expected = M.run(pipe, inputs)
-    finally:
-        handle.remove()
-    assert effect(expected, M.run(pipe, inputs)) > MIN_EFFECT
-    for execution in ("fused", "eager"):
-        close(guided(pipe, execution, f"{layer}:*", inputs, scale=2.0, mode=mode), expected, "families", execution)
+    # FLUX.2's [text, image] order in both block kinds; the cond call first, then klein's uncond call
+    perturbed = module_pass(sdpa_perturbed_copy(pipe, attention, mode, n_text=F2.TEXT_LEN, text="first"))
+    check_matches_reference(pipe, inputs, f"{layer}:*", perturbed, scale=2.0, cfg=cfg > 1, calls="separate",
+                            mode=mode)

@@ -7,11 +7,8 @@ import pytest
 from diffusers import HunyuanDiTPAGPipeline
 
 import headpag
-from support import models as M
 from support import models_pag_families as F
-from support.checks import (
-    ENABLE, MIN_EFFECT, check_fused_eager_restore, close, effect, guided, layer_index, patched, recorded_rows,
-)
+from support.checks import check_fused_eager_restore, check_matches_peer, fork_rows, layer_index, layer_table
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -22,10 +19,7 @@ def hunyuan_pipe():
 
 
 def test_hunyuandit_layers(hunyuan_pipe):
-    layers = headpag.list_layers(hunyuan_pipe)
-    assert [(l.index, l.name, l.heads, l.head_dim, l.kind, l.fork_unit) for l in layers] == [
-        (i, f"blocks.{i}.attn1", 2, 8, "self", f"blocks.{i}") for i in range(6)
-    ]
+    assert layer_table(hunyuan_pipe) == [(i, f"blocks.{i}.attn1", 2, 8, "self", f"blocks.{i}") for i in range(6)]
     assert headpag.archs.forward_units(hunyuan_pipe) == [f"blocks.{i}" for i in range(6)]
     assert headpag.archs.architecture_of(hunyuan_pipe).processors == ("HunyuanAttnProcessor2_0",)
 
@@ -37,14 +31,8 @@ def test_hunyuandit_layers(hunyuan_pipe):
 def test_hunyuandit_matches_diffusers_pag_pipeline(cfg, style_cond):
     pipe = F.hunyuandit(style_cond=style_cond)
     inputs = F.hunyuandit_inputs(batch=2, num_images_per_prompt=2, cfg=cfg)
-    plain = M.run(pipe, inputs)
-    pag = M.peer(pipe, HunyuanDiTPAGPipeline, requires_safety_checker=False, pag_applied_layers=["blocks.4"])
-    expected = M.run(pag, {**inputs, "pag_scale": 3.0})
-    assert expected.shape[0] == 4 and effect(expected, plain) > MIN_EFFECT
-    index = layer_index(pipe, "blocks.4.")
-    for execution in ENABLE:
-        out = guided(pipe, execution, f"{index}:*", inputs, scale=3.0, u=1, mode="joint")
-        close(out, expected, "peer", f"{execution}, guidance_scale={cfg}")
+    check_matches_peer(pipe, inputs, HunyuanDiTPAGPipeline, f"{layer_index(pipe, 'blocks.4.')}:*", rows=(4,),
+                       requires_safety_checker=False, pag_applied_layers=["blocks.4"])
 
 
 @pytest.mark.parametrize("cfg", [5.0, 1.0], ids=["cfg", "no_cfg"])
@@ -63,14 +51,8 @@ def test_hunyuandit_fork_rows(hunyuan_pipe, cfg):
     """A head in block 4: blocks 0-3 run the base rows only, blocks 4 and 5 (and the output) carry the twins; the
     skip tensor block 4 reads (block 1's output) arrives with the twins, copied from the cond rows."""
     inputs = F.hunyuandit_inputs(batch=2, **({} if cfg else {"cfg": 1.0}))
-    n_cond = 2
-    n_base = 2 * n_cond if cfg else n_cond
-    blocks = {f"block{i}": b.norm1 for i, b in enumerate(hunyuan_pipe.transformer.blocks)}
-    blocks["skip4"] = hunyuan_pipe.transformer.blocks[4].skip_norm
-    blocks["norm_out"] = hunyuan_pipe.transformer.norm_out
-    with patched(hunyuan_pipe, "fused", "4:0", scale=3.0), recorded_rows(blocks) as log:
-        M.run(hunyuan_pipe, inputs)
-    steps = inputs["num_inference_steps"]
+    blocks = hunyuan_pipe.transformer.blocks
+    log, before, after = fork_rows(hunyuan_pipe, inputs, "4:0", blocks, cfg=cfg, skip4=blocks[4].skip_norm)
     for i in range(4):
-        assert log[f"block{i}"] == [n_base] * steps, i
-    assert log["block4"] == log["block5"] == log["skip4"] == log["norm_out"] == [n_base + n_cond] * steps
+        assert log[f"block{i}"] == before, i
+    assert log["block4"] == log["block5"] == log["skip4"] == log["norm_out"] == after

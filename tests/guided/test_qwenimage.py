@@ -12,16 +12,17 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import QwenImageTransformer2DModel
 from diffusers.hooks import LayerSkipConfig, apply_layer_skip
-from torch.overrides import TorchFunctionMode
 
 import headpag
 from headpag.archs import forward_units
 from support import models as M
 from support import models_qwen as Q
-from support.checks import ENABLE, check_fused_eager_restore, close, effect, guided, recorded_rows
+from support.checks import (
+    ENABLE, check_fused_eager_restore, close, effect, forward_order, guided, guided_rows, recorded_rows,
+)
+from support.reference import check_matches_reference, module_pass, sdpa_perturbed_copy
 from support.tolerances import MIN_EFFECT
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -54,16 +55,9 @@ def test_list_layers():
     assert forward_units(model) == [f"transformer_blocks.{i}" for i in range(Q.LAYERS)]
     assert {type(model.get_submodule(x.name).processor).__name__ for x in layers} == {"QwenDoubleStreamAttnProcessor2_0"}
     # forward order == index order
-    calls = []
-    handles = [model.get_submodule(x.name).register_forward_pre_hook(lambda m, a, n=x.name: calls.append(n))
-               for x in layers]
-    try:
-        with torch.no_grad():
-            model(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, Q.TEXT_LEN, Q.TEXT_DIM),
-                  timestep=torch.tensor([0.5]), img_shapes=[[(1, 4, 4)]])
-    finally:
-        for h in handles:
-            h.remove()
+    calls = forward_order({x.name: model.get_submodule(x.name) for x in layers}, lambda: model(
+        hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, Q.TEXT_LEN, Q.TEXT_DIM),
+        timestep=torch.tensor([0.5]), img_shapes=[[(1, 4, 4)]]))
     assert calls == [x.name for x in layers]
 
 
@@ -110,66 +104,22 @@ def test_calls_and_rows(pipes, kind):
 def test_interval_reads_the_scheduler_timestep(pipes):
     """The pipelines pass t / 1000: interval (0, 0.5) of 4 steps guides steps 0 and 1 only."""
     pipe = pipes["t2i"]
-    with recorded_rows({"block1": pipe.transformer.transformer_blocks[1].attn}) as log:
-        with headpag.fused(pipe, "1:0", interval=(0.0, 0.5)):
-            Q.run(pipe, batch("t2i", steps=4))
+    block1 = {"block1": pipe.transformer.transformer_blocks[1].attn}
+    log, _ = guided_rows(pipe, block1, "fused", "1:0", batch("t2i", steps=4), run=Q.run, interval=(0.0, 0.5))
     assert log["block1"] == [8, 4, 8, 4, 4, 4, 4, 4]
 
 
 # --- against independent perturbed passes --------------------------------------------------------------------------
 
 
-def reference_fold(pipe, perturbed: torch.nn.Module, scale: float, cfg: bool):
-    """A forward hook on the plain transformer: the cond call (the first of a step) gets ``delta = w * (cond -
-    perturbed(cond inputs))``; with true CFG the next call (the uncond one) gets the same delta."""
-    state = {"calls": 0}
-
-    def hook(module, args, kwargs, output):
-        uncond = cfg and state["calls"] % 2 == 1
-        state["calls"] += 1
-        if not uncond:
-            state["delta"] = scale * (output[0] - perturbed(*args, **kwargs)[0])
-        return (output[0] + state["delta"], *output[1:])
-
-    return pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-
-
-class TextFirstImageIdentity(TorchFunctionMode):
-    """``mode="image"`` written independently: SDPA with every image-image pair off the diagonal masked, the
-    first ``n_text`` tokens being the text (the processor's ``[text, image]`` order)."""
-
-    def __init__(self, n_text: int):
-        super().__init__()
-        self.n_text = n_text
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        call = dict(zip(("query", "key", "value"), args)) | kwargs
-        assert call.get("attn_mask") is None
-        q = call["query"]
-        n = q.shape[-2]
-        image = torch.arange(n) >= self.n_text
-        block = image[:, None] & image[None, :] & ~torch.eye(n, dtype=torch.bool)
-        mask = torch.zeros(n, n, dtype=q.dtype).masked_fill(block, float("-inf"))
-        return func(q, call["key"], call["value"], attn_mask=mask)
-
-
 def perturbed_copy(pipe, layer: int, mode: str) -> torch.nn.Module:
+    """diffusers' identity attention (joint) or the text-first masked SDPA (image, the processor's ``[text, image]``
+    order) on ``transformer_blocks[layer]`` of a copy of the transformer."""
+    if mode == "image":
+        return sdpa_perturbed_copy(pipe, f"transformer_blocks.{layer}.attn", mode, n_text=Q.TEXT_LEN, text="first")
     model = copy.deepcopy(pipe.transformer)
-    if mode == "joint":
-        apply_layer_skip(model, LayerSkipConfig(indices=[layer], fqn="transformer_blocks", skip_attention=False,
-                                                skip_attention_scores=True, skip_ff=False))
-    else:
-        attn = model.transformer_blocks[layer].attn
-        original = attn.forward
-
-        def forward(*args, **kwargs):
-            with TextFirstImageIdentity(Q.TEXT_LEN):
-                return original(*args, **kwargs)
-
-        attn.forward = forward
+    apply_layer_skip(model, LayerSkipConfig(indices=[layer], fqn="transformer_blocks", skip_attention=False,
+                                            skip_attention_scores=True, skip_ff=False))
     return model
 
 
@@ -182,16 +132,9 @@ def test_every_head_of_a_layer_matches_an_independent_perturbed_pass(pipes, kind
     and the scale."""
     pipe = pipes[kind]
     call = batch(kind, true_cfg_scale=true_cfg_scale)
-    with Q.small_edit_images():
-        handle = reference_fold(pipe, perturbed_copy(pipe, 1, mode), scale=2.0, cfg=true_cfg_scale > 1)
-        try:
-            expected = M.run(pipe, call)
-        finally:
-            handle.remove()
-        plain = M.run(pipe, call)
-        assert effect(expected, plain) > MIN_EFFECT
-        for execution in ENABLE:
-            close(guided(pipe, execution, "1:*", call, scale=2.0, mode=mode), expected, "families", execution)
+    with Q.small_edit_images():  # the cond call first, then true CFG's uncond call
+        check_matches_reference(pipe, call, "1:*", module_pass(perturbed_copy(pipe, 1, mode)), scale=2.0,
+                                cfg=true_cfg_scale > 1, calls="separate", mode=mode)
 
 
 # --- masks and unsupported configurations --------------------------------------------------------------------------

@@ -14,10 +14,9 @@ from diffusers.models.attention_processor import PAGIdentitySanaLinearAttnProces
 
 import headpag
 from headpag.archs.sana import perturbed_linear_attention
-from support import models as M
 from support import models_pag_families as F
 from support.checks import (
-    ENABLE, MIN_EFFECT, check_fused_eager_restore, close, effect, guided, layer_index, patched, recorded_rows,
+    MIN_EFFECT, check_fused_eager_restore, check_matches_peer, effect, fork_rows, layer_index, layer_table,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -29,12 +28,11 @@ def sana_pipe():
 
 
 def test_sana_layers(sana_pipe):
-    layers = headpag.list_layers(sana_pipe)
-    assert [(l.index, l.name, l.heads, l.head_dim, l.kind, l.fork_unit) for l in layers] == [
+    assert layer_table(sana_pipe) == [
         (i, f"transformer_blocks.{i}.attn1", 2, 8, "self", f"transformer_blocks.{i}") for i in range(2)
     ]
-    assert [type(sana_pipe.transformer.get_submodule(l.name).processor).__name__ for l in layers] == \
-        ["SanaLinearAttnProcessor2_0"] * 2
+    assert [type(sana_pipe.transformer.get_submodule(l.name).processor).__name__
+            for l in headpag.list_layers(sana_pipe)] == ["SanaLinearAttnProcessor2_0"] * 2
 
 
 @pytest.fixture(scope="module")
@@ -80,16 +78,9 @@ def test_linear_attention_factored_matches_materialised_maps(attn1):
 
 @pytest.mark.parametrize("cfg", [4.5, 1.0], ids=["cfg", "no_cfg"])
 def test_sana_matches_diffusers_pag_pipeline(sana_pipe, cfg):
-    pipe = sana_pipe
-    inputs = F.sana_inputs(batch=2, num_images_per_prompt=2, cfg=cfg)
-    plain = M.run(pipe, inputs)
-    pag = M.peer(pipe, SanaPAGPipeline, pag_applied_layers=["transformer_blocks.1"])
-    expected = M.run(pag, {**inputs, "pag_scale": 3.0})
-    assert expected.shape[0] == 4 and effect(expected, plain) > MIN_EFFECT
-    index = layer_index(pipe, "transformer_blocks.1.")
-    for execution in ENABLE:
-        out = guided(pipe, execution, f"{index}:*", inputs, scale=3.0, u=1, mode="joint")
-        close(out, expected, "peer", f"{execution}, guidance_scale={cfg}")
+    heads = f"{layer_index(sana_pipe, 'transformer_blocks.1.')}:*"
+    check_matches_peer(sana_pipe, F.sana_inputs(batch=2, num_images_per_prompt=2, cfg=cfg), SanaPAGPipeline, heads,
+                       rows=(4,), pag_applied_layers=["transformer_blocks.1"])
 
 
 @pytest.mark.parametrize("cfg", [4.5, 1.0], ids=["cfg", "no_cfg"])
@@ -101,12 +92,6 @@ def test_sana_fused_eager_restore(sana_pipe, cfg):
 @pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "no_cfg"])
 def test_sana_fork_rows(sana_pipe, cfg):
     inputs = F.sana_inputs(batch=2, **({} if cfg else {"cfg": 1.0}))
-    n_cond = 2
-    n_base = 2 * n_cond if cfg else n_cond
-    blocks = {f"block{i}": b.norm1 for i, b in enumerate(sana_pipe.transformer.transformer_blocks)}
-    blocks["norm_out"] = sana_pipe.transformer.norm_out
-    with patched(sana_pipe, "fused", "1:0", scale=3.0), recorded_rows(blocks) as log:
-        M.run(sana_pipe, inputs)
-    steps = inputs["num_inference_steps"]
-    assert log["block0"] == [n_base] * steps
-    assert log["block1"] == log["norm_out"] == [n_base + n_cond] * steps
+    log, before, after = fork_rows(sana_pipe, inputs, "1:0", sana_pipe.transformer.transformer_blocks, cfg=cfg)
+    assert log["block0"] == before
+    assert log["block1"] == log["norm_out"] == after

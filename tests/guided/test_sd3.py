@@ -12,7 +12,9 @@ from diffusers import StableDiffusion3PAGPipeline
 from diffusers.models.attention_processor import PAGJointAttnProcessor2_0
 
 from support import models as M
-from support.checks import ENABLE, MIN_EFFECT, close, effect, guided, patched, recorded_rows, with_plain
+from support.checks import (
+    ENABLE, MIN_EFFECT, check_matches_peer, close, effect, fork_rows, guided, recorded_rows, with_plain,
+)
 from support.reference import fold_hook, select_rows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -20,13 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.mark.parametrize("cfg", [5.0, 1.0], ids=["cfg", "no_cfg"])
 def test_sd3_matches_diffusers_pag_pipeline(cfg):
-    pipe, inputs, plain = with_plain("sd3", batch=2, num_images_per_prompt=2, cfg=cfg)
-    pag = M.peer(pipe, StableDiffusion3PAGPipeline, pag_applied_layers=[r"blocks\.1\.attn$"])
-    expected = M.run(pag, {**inputs, "pag_scale": 3.0})
-    assert expected.shape[0] == 4 and effect(expected, plain) > MIN_EFFECT
-    for execution in ENABLE:
-        out = guided(pipe, execution, "1:*", inputs, scale=3.0, u=1, mode="image")
-        close(out, expected, "peer", f"{execution}, guidance_scale={cfg}")
+    pipe, inputs = M.make("sd3", batch=2, num_images_per_prompt=2, cfg=cfg)
+    check_matches_peer(pipe, inputs, StableDiffusion3PAGPipeline, "1:*", rows=(4,), mode="image",
+                       pag_applied_layers=[r"blocks\.1\.attn$"])
 
 
 @pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "no_cfg"])
@@ -34,15 +32,9 @@ def test_sd3_fork_at_the_last_block(cfg):
     # Inner modules are observed (norm1 gets the block's hidden states): a forward pre-hook on the block itself
     # would see the arguments before headpag's hook narrows them.
     pipe, inputs = M.make("sd3", batch=2, **({} if cfg else {"cfg": 1.0}))
-    n_cond = 2
-    n_base = 2 * n_cond if cfg else n_cond
-    blocks = {f"block{i}": b.norm1 for i, b in enumerate(pipe.transformer.transformer_blocks)}
-    blocks["norm_out"] = pipe.transformer.norm_out
-    with patched(pipe, "fused", "2:1", scale=3.0), recorded_rows(blocks) as log:
-        M.run(pipe, inputs)
-    steps = inputs["num_inference_steps"]
-    assert log["block0"] == log["block1"] == [n_base] * steps
-    assert log["block2"] == log["norm_out"] == [n_base + n_cond] * steps
+    log, before, after = fork_rows(pipe, inputs, "2:1", pipe.transformer.transformer_blocks, cfg=cfg)
+    assert log["block0"] == log["block1"] == before
+    assert log["block2"] == log["norm_out"] == after
 
 
 def pag_processor_pass(pipe, layer: int):

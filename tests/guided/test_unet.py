@@ -12,25 +12,17 @@ from diffusers.hooks import LayerSkipConfig, apply_layer_skip
 
 import headpag
 from support import models as M
-from support.checks import (
-    ENABLE, MIN_EFFECT, check_fused_eager_restore, close, effect, guided, layer_index, patched, recorded_rows,
-    with_plain,
-)
-from support.reference import fold_hook, module_pass
+from support.checks import check_fused_eager_restore, check_matches_peer, layer_index, patched, recorded_rows
+from support.reference import check_matches_reference, module_pass
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("cfg", [5.0, 1.0], ids=["cfg", "no_cfg"])
 def test_sd15_matches_diffusers_pag_pipeline(cfg):
-    pipe, inputs, plain = with_plain("sd15", batch=2, num_images_per_prompt=2, cfg=cfg)
-    pag = M.peer(pipe, StableDiffusionPAGPipeline, requires_safety_checker=False, pag_applied_layers="mid")
-    expected = M.run(pag, {**inputs, "pag_scale": 3.0})
-    assert expected.shape[0] == 4 and effect(expected, plain) > MIN_EFFECT
-    mid = layer_index(pipe, "mid_block")
-    for execution in ENABLE:
-        out = guided(pipe, execution, f"{mid}:*", inputs, scale=3.0, u=1, mode="joint")
-        close(out, expected, "peer", f"{execution}, guidance_scale={cfg}")
+    pipe, inputs = M.make("sd15", batch=2, num_images_per_prompt=2, cfg=cfg)
+    check_matches_peer(pipe, inputs, StableDiffusionPAGPipeline, f"{layer_index(pipe, 'mid_block')}:*", rows=(4,),
+                       requires_safety_checker=False, pag_applied_layers="mid")
 
 
 @pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "no_cfg"])
@@ -47,16 +39,8 @@ def test_unet_matches_apply_layer_skip(model, prefix, cfg):
     skipping = copy.deepcopy(pipe.unet)
     apply_layer_skip(skipping, LayerSkipConfig(indices=[int(block)], fqn=fqn, skip_attention=False,
                                                skip_attention_scores=True, skip_ff=False))
-    handle = fold_hook(pipe, module_pass(skipping), scale=3.0)
-    try:
-        expected = M.run(pipe, inputs)
-    finally:
-        handle.remove()
-    plain = M.run(pipe, inputs)
-    assert effect(expected, plain) > MIN_EFFECT
-    for execution in ENABLE:
-        out = guided(pipe, execution, f"{layer.index}:*", inputs, scale=3.0, mode="joint")
-        close(out, expected, "fp32", f"{execution} {layer.name}")
+    check_matches_reference(pipe, inputs, f"{layer.index}:*", module_pass(skipping), scale=3.0, kind="fp32",
+                            label=layer.name, mode="joint")
 
 
 def test_unet_fork_units():

@@ -24,7 +24,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 import headpag
 from headpag.archs.wan import WAN
 from support import models_wan as W
-from support.tolerances import close
+from support.checks import forward_order
+from support.reference import check_matches_reference, module_pass
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -74,15 +75,8 @@ def test_pipelines_list_the_first_transformers_layers(t2v, i2v):
 def test_forward_order():
     """Layer i is the i-th self-attention the forward pass runs."""
     model = W.wan_transformer(num_layers=3)
-    order = []
-    handles = [model.get_submodule(l.name).register_forward_pre_hook(lambda m, a, i=l.index: order.append(i))
-               for l in headpag.list_layers(model)]
-    try:
-        with torch.no_grad():
-            model(torch.randn(1, W.Z_DIM, 2, 4, 4), torch.tensor([500]), torch.randn(1, W.TEXT_LEN, W.TEXT_DIM))
-    finally:
-        for h in handles:
-            h.remove()
+    order = forward_order({l.index: model.get_submodule(l.name) for l in headpag.list_layers(model)}, lambda: model(
+        torch.randn(1, W.Z_DIM, 2, 4, 4), torch.tensor([500]), torch.randn(1, W.TEXT_LEN, W.TEXT_DIM)))
     assert order == [0, 1, 2]
 
 
@@ -150,44 +144,33 @@ def test_ti2v(ti2v, cfg, batch):
 # --- against diffusers' identity attention -----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def reference_fold(pipe, inputs: dict, layer: int, scale: float):
-    """The guided pipeline built from the plain one: every transformer call's output gets
-    ``delta = scale * (T(x, t, c) - T_skip(x, t, c))`` on the cond embeddings ``c``, with ``T_skip`` a copy of the
-    transformer whose ``blocks[layer].attn1`` runs diffusers' identity attention. Independent of the order of the
-    cond and uncond calls."""
-    plain = copy.deepcopy(pipe.transformer)
+def skipping_copy(pipe, layer: int) -> torch.nn.Module:
+    """A copy of the transformer whose ``blocks[layer].attn1`` runs diffusers' identity attention."""
     skipping = copy.deepcopy(pipe.transformer)
     HookRegistry.check_if_exists_or_initialize(skipping.blocks[layer].attn1).register_hook(
         AttentionProcessorSkipHook(None, skip_attention_scores=True), "skip_attention_scores")
+    return skipping
+
+
+def with_cond_embeddings(inputs: dict):
+    """``cond_inputs`` for the reference fold: a call's arguments with the cond embeddings ``c`` of ``inputs``."""
     cond = inputs["prompt_embeds"]
-
-    def hook(module, args, kwargs, output):
-        kw = dict(kwargs, encoder_hidden_states=cond.to(kwargs["encoder_hidden_states"]))
-        delta = scale * (plain(*args, **kw)[0] - skipping(*args, **kw)[0])
-        return (output[0] + delta, *output[1:])
-
-    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return lambda args, kwargs: (args, dict(kwargs, encoder_hidden_states=cond.to(kwargs["encoder_hidden_states"])))
 
 
 @pytest.mark.parametrize("case", ["t2v-cfg", "t2v-no-cfg", "t2v-2x2", "i2v-cfg", "ti2v-cfg"])
 def test_joint_mode_matches_diffusers_identity_attention(t2v, i2v, ti2v, case):
     """mode="joint" on every head of a layer, u=1, equals the reference fold with diffusers' identity attention,
-    fused and eager: so the uncond call gets the cond call's delta of the same step."""
+    fused and eager: so the uncond call gets the cond call's delta of the same step. The fold gives every
+    transformer call ``delta = scale * (T(x, t, c) - T_skip(x, t, c))`` on the cond embeddings ``c``, with
+    ``T_skip`` :func:`skipping_copy`: independent of the order of the cond and uncond calls."""
     pipe = {"t2v": t2v, "i2v": i2v, "ti2v": ti2v}[case.split("-")[0]]
     kw = dict(cfg=1.0 if case.endswith("no-cfg") else 5.0)
     if case.endswith("2x2"):
         kw.update(batch=2, videos_per_prompt=2)
     inputs = W.wan_i2v_inputs(pipe, **kw) if isinstance(pipe, WanImageToVideoPipeline) else W.wan_inputs(**kw)
-    with reference_fold(pipe, inputs, layer=1, scale=3.0):
-        expected = W.run(pipe, inputs)
-    assert W.effect(expected, W.run(pipe, inputs)) > 1e-3
-    for execution in ("fused", "eager"):
-        close(W.guided(pipe, execution, "1:*", inputs, scale=3.0, u=1.0, mode="joint"), expected, "fp32", execution)
+    check_matches_reference(pipe, inputs, "1:*", module_pass(skipping_copy(pipe, 1)), scale=3.0, calls="each",
+                            cond_inputs=with_cond_embeddings(inputs), kind="fp32", run=W.run, u=1.0, mode="joint")
 
 
 # --- the loop: cond then uncond, per-token timesteps, two transformers -------------------------------------------

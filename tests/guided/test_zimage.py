@@ -6,19 +6,15 @@ for scale=0 / after disable."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
-import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 import headpag
 from headpag.archs import forward_units
 from support import models as M
 from support import models_zimage as Z
-from support.checks import check_fused_eager_restore, effect, guided, patched, recorded_rows
-from support.tolerances import MIN_EFFECT, close
+from support.checks import check_fused_eager_restore, effect, guided, guided_rows, patched, recorded_rows
+from support.reference import check_matches_reference, module_pass, sdpa_perturbed_copy
+from support.tolerances import MIN_EFFECT
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -50,12 +46,12 @@ def test_cfg_truncation(zimage_pipe):
     """cfg_truncation=0.5: the later steps run without the negative rows (the loop's apply_cfg local); the fused
     calls carry one twin per positive row either way."""
     inputs = Z.zimage_inputs(batch=2, cfg=4.0, steps=4, cfg_truncation=0.5)
-    with recorded_rows({"layer1": zimage_pipe.transformer.layers[1].attention}) as log:
+    layer1 = {"layer1": zimage_pipe.transformer.layers[1].attention}
+    with recorded_rows(layer1) as log:
         M.run(zimage_pipe, inputs)
     plain_rows = log["layer1"]
     assert plain_rows[0] == 4 and plain_rows[-1] == 2  # [positive, negative] rows, then positive rows only
-    with recorded_rows({"layer1": zimage_pipe.transformer.layers[1].attention}) as log:
-        guided(zimage_pipe, "fused", "1:0", inputs)
+    log, _ = guided_rows(zimage_pipe, layer1, "fused", "1:0", inputs)
     assert log["layer1"] == [rows + 2 for rows in plain_rows]
     check_fused_eager_restore(zimage_pipe, inputs, "1:0")
 
@@ -66,17 +62,16 @@ def test_fork_at_the_last_layer(zimage_pipe):
     modules = {"noise_refiner": den.noise_refiner[0].attention, "context_refiner": den.context_refiner[0].attention,
                "layer0": den.layers[0].attention, "layer1": den.layers[1].attention}
     inputs = Z.zimage_inputs(batch=1, cfg=4.0, steps=1)
-    with recorded_rows(modules) as log:
-        out = guided(zimage_pipe, "fused", "1:1", inputs)
+    log, out = guided_rows(zimage_pipe, modules, "fused", "1:1", inputs)
     assert log == {"noise_refiner": [2], "context_refiner": [2], "layer0": [2], "layer1": [3]}
     assert effect(out, M.run(zimage_pipe, inputs)) > MIN_EFFECT
 
 
 def test_interval_reads_the_pipelines_timestep(zimage_pipe):
     """Z-Image passes (1000 - t) / 1000: only the first of three steps lies in [0, 1/3)."""
-    inputs = Z.zimage_inputs(batch=1, cfg=0.0, steps=3)
-    with recorded_rows({"layer0": zimage_pipe.transformer.layers[0].attention}) as log:
-        guided(zimage_pipe, "fused", "0:0", inputs, interval=(0.0, 0.3))
+    layer0 = {"layer0": zimage_pipe.transformer.layers[0].attention}
+    log, _ = guided_rows(zimage_pipe, layer0, "fused", "0:0", Z.zimage_inputs(batch=1, cfg=0.0, steps=3),
+                         interval=(0.0, 0.3))
     assert log["layer0"] == [2, 1, 1]
 
 
@@ -105,72 +100,13 @@ def test_cfg_normalization_is_refused(zimage_pipe):
 # --- against an independent perturbed pass ---------------------------------------------------------------------
 
 
-class TextLastIdentity(TorchFunctionMode):
-    """The perturbed attention written independently on SDPA ``(B, H, N, D)``: ``joint`` returns the values (the
-    identity map); ``image`` masks every image-image pair off the diagonal, the *last* ``n_text`` tokens being the
-    caption (Z-Image's ``[image, caption]`` order)."""
-
-    def __init__(self, mode: str, n_text: int):
-        super().__init__()
-        self.mode, self.n_text = mode, n_text
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        call = dict(zip(("query", "key", "value"), args)) | kwargs
-        assert call.get("attn_mask") is None
-        q, k, v = call["query"], call["key"], call["value"]
-        if self.mode == "joint":
-            return v.clone()
-        n = q.shape[-2]
-        image = torch.arange(n) < n - self.n_text
-        block = image[:, None] & image[None, :] & ~torch.eye(n, dtype=torch.bool)
-        return func(q, k, v, attn_mask=torch.zeros(n, n, dtype=q.dtype).masked_fill(block, float("-inf")))
-
-
-def perturbed_copy(pipe, layer: int, mode: str, n_text: int) -> torch.nn.Module:
-    model = copy.deepcopy(pipe.transformer)
-    attn = model.layers[layer].attention
-    original = attn.forward
-    # SDPA whatever the global backend (diffusers' set_attention_backend leaves its backend active after a reset)
-    attn.processor._attention_backend = "native"
-
-    def forward(*args, **kwargs):
-        with TextLastIdentity(mode, n_text):
-            return original(*args, **kwargs)
-
-    attn.forward = forward
-    return model
-
-
-def reference_fold(pipe, perturbed: torch.nn.Module, scale: float, cfg: bool):
-    """A forward hook on the plain transformer: the positive rows' entries (the first half under CFG) give
-    ``delta = w * (pos - perturbed(positive inputs))``, added to the positive and the negative entries alike."""
-
-    def hook(module, args, kwargs, output):
-        x, t, captions = args
-        n = len(x) // 2 if cfg else len(x)
-        out = output[0]
-        pert = perturbed(x[:n], t[:n], captions[:n], return_dict=False)[0]
-        delta = [scale * (out[j] - pert[j]) for j in range(n)]
-        return ([entry + delta[j % n] for j, entry in enumerate(out)],)
-
-    return pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-
-
 @pytest.mark.parametrize("mode", ["joint", "image"])
 @pytest.mark.parametrize("cfg", [4.0, 0.0], ids=["cfg", "no-cfg"])
 def test_every_head_of_a_layer_matches_an_independent_perturbed_pass(zimage_pipe, cfg, mode):
     """Every head of layer 1 with u=1 equals the reference fold of a text-last identity SDPA on that layer: checks
     the caption's place and padded length (32 tokens for these prompts), the list rows and the fold into both the
     positive and the negative rows."""
-    inputs = Z.zimage_inputs(batch=2, cfg=cfg)
-    handle = reference_fold(zimage_pipe, perturbed_copy(zimage_pipe, 1, mode, n_text=32), scale=2.0, cfg=cfg > 0)
-    try:
-        expected = M.run(zimage_pipe, inputs)
-    finally:
-        handle.remove()
-    assert effect(expected, M.run(zimage_pipe, inputs)) > MIN_EFFECT
-    for execution in ("fused", "eager"):
-        close(guided(zimage_pipe, execution, "1:*", inputs, scale=2.0, mode=mode), expected, "families", execution)
+    # Z-Image's [image, caption] order; one call with the list rows [positive..., negative...] under CFG
+    perturbed = module_pass(sdpa_perturbed_copy(zimage_pipe, "layers.1.attention", mode, n_text=32, text="last"))
+    check_matches_reference(zimage_pipe, Z.zimage_inputs(batch=2, cfg=cfg), "1:*", perturbed, scale=2.0, cfg=cfg > 0,
+                            calls="one", cond="first", mode=mode)

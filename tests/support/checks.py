@@ -1,10 +1,12 @@
 """Lifecycle helpers of the guided tests: guided runs that always disable, the fused == eager == restored check,
-restoration snapshots and per-call row recording. Tolerances are in tolerances.py."""
+the check against diffusers' own PAG pipelines, restoration snapshots, layer tables and per-call row recording.
+Tolerances are in tolerances.py; the check against a reference fold is in reference.py."""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+from typing import Callable
 
 import torch
 
@@ -36,22 +38,37 @@ def patched(pipe, execution: str, heads, **settings):
         headpag.disable(pipe)
 
 
-def guided(pipe, execution: str, heads, inputs: dict, **settings) -> torch.Tensor:
-    """The output of ``pipe(**inputs)`` with headpag enabled for this one run."""
+def guided(pipe, execution: str, heads, inputs: dict, *, run=M.run, **settings) -> torch.Tensor:
+    """The output of ``run(pipe, inputs)`` (``support.models.run``: ``pipe(**inputs)``'s latents) with headpag
+    enabled for this one run."""
     with patched(pipe, execution, heads, **settings):
-        return M.run(pipe, inputs)
+        return run(pipe, inputs)
 
 
-def check_fused_eager_restore(pipe, inputs: dict, heads, **settings) -> None:
+def check_fused_eager_restore(pipe, inputs: dict, heads, *, run=M.run, **settings) -> None:
     """Fused == eager (``TOL["families"]``), guidance changes the output, disable restores the plain pipeline
-    bit for bit, and ``scale=0`` is the plain pipeline."""
-    plain = M.run(pipe, inputs)
-    fused, eager = (guided(pipe, execution, heads, inputs, **settings) for execution in ("fused", "eager"))
+    bit for bit, and ``scale=0`` is the plain pipeline; the outputs are ``run(pipe, inputs)``'s (:func:`guided`)."""
+    plain = run(pipe, inputs)
+    fused, eager = (guided(pipe, execution, heads, inputs, run=run, **settings) for execution in ("fused", "eager"))
     close(fused, eager, "families")
     assert effect(fused, plain) > MIN_EFFECT, "guidance changed nothing"
-    assert torch.equal(M.run(pipe, inputs), plain), "disable did not restore the pipeline"
-    assert torch.equal(guided(pipe, "fused", heads, inputs, **{**settings, "scale": 0.0}), plain), \
+    assert torch.equal(run(pipe, inputs), plain), "disable did not restore the pipeline"
+    assert torch.equal(guided(pipe, "fused", heads, inputs, run=run, **{**settings, "scale": 0.0}), plain), \
         "scale=0 is not the plain pipeline"
+
+
+def check_matches_peer(pipe, inputs: dict, peer, heads, *, rows: tuple, run=M.run, mode: str = "joint",
+                       **peer_kwargs) -> None:
+    """diffusers' PAG pipeline class ``peer`` on ``pipe``'s components (:func:`support.models.peer`, with
+    ``peer_kwargs``: ``pag_applied_layers``, ...) at ``pag_scale=3``: its output's leading dims are ``rows`` and
+    differ from the plain output by more than ``MIN_EFFECT``, and ``heads`` guided at scale 3 with ``u = 1`` in
+    ``mode`` equal it, fused and eager (``TOL["peer"]``). Outputs are ``run(pipe, inputs)``'s."""
+    plain = run(pipe, inputs)
+    expected = run(M.peer(pipe, peer, **peer_kwargs), {**inputs, "pag_scale": 3.0})
+    assert expected.shape[:len(rows)] == rows and effect(expected, plain) > MIN_EFFECT
+    for execution in ENABLE:
+        out = guided(pipe, execution, heads, inputs, run=run, scale=3.0, u=1, mode=mode)
+        close(out, expected, "peer", f"{execution}, guidance_scale={inputs['guidance_scale']}")
 
 
 def attention_modules(den: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -84,6 +101,25 @@ def n_layers(pipe) -> int:
     return len(headpag.list_layers(pipe))
 
 
+def layer_table(model) -> list[tuple]:
+    """``(index, name, heads, head_dim, kind, fork_unit)`` of each layer of ``model`` (a pipeline or a denoiser)."""
+    return [(x.index, x.name, x.heads, x.head_dim, x.kind, x.fork_unit) for x in headpag.list_layers(model)]
+
+
+def forward_order(modules: dict, call: Callable[[], object]) -> list:
+    """The keys of ``modules`` in the order their forwards start during ``call()`` (run under ``no_grad``; the
+    hooks are removed after)."""
+    order = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, key=key: order.append(key)) for key, m in modules.items()]
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
 @contextlib.contextmanager
 def recorded_rows(modules: dict[str, torch.nn.Module]):
     """Inside the block, forward pre-hooks record the leading dim of the first tensor argument of each module, per
@@ -103,3 +139,27 @@ def recorded_rows(modules: dict[str, torch.nn.Module]):
     finally:
         for h in handles:
             h.remove()
+
+
+def guided_rows(pipe, modules: dict[str, torch.nn.Module], execution: str, heads, inputs: dict, *, run=M.run,
+                **settings) -> tuple[dict[str, list[int]], torch.Tensor]:
+    """:func:`recorded_rows` of ``modules`` around a :func:`guided` run (the recording hooks registered first):
+    ``(rows per call of each module, the output)``."""
+    with recorded_rows(modules) as log:
+        out = guided(pipe, execution, heads, inputs, run=run, **settings)
+    return log, out
+
+
+def fork_rows(pipe, inputs: dict, heads, blocks, *, cfg: bool, n_cond: int = 2,
+              **modules: torch.nn.Module) -> tuple[dict[str, list[int]], list[int], list[int]]:
+    """Rows per call, with ``heads`` fused at scale 3 (the recording hooks registered after headpag's), of each
+    block's ``norm1`` (``"block{i}"``: inner modules see the rows the block runs), of ``modules`` and of the
+    denoiser's ``norm_out``; with the rows per call expected before the fork (the base rows: ``[uncond, cond]``
+    with ``cfg``, ``n_cond`` cond rows without) and from the fork on (the base rows and one twin per cond row)."""
+    modules = {f"block{i}": b.norm1 for i, b in enumerate(blocks)} | modules
+    modules["norm_out"] = M.denoiser(pipe).norm_out
+    with patched(pipe, "fused", heads, scale=3.0), recorded_rows(modules) as log:
+        M.run(pipe, inputs)
+    steps = inputs["num_inference_steps"]
+    n_base = 2 * n_cond if cfg else n_cond
+    return log, [n_base] * steps, [n_base + n_cond] * steps
