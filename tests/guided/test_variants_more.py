@@ -13,11 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import headpag
-from headpag.archs import call_pattern_of, forward_units
+from headpag.archs import call_pattern_of
 from support import models as M
 from support import models_variants_more as X
-from support.checks import MIN_EFFECT, check_fused_eager_restore, effect, patched
+from support.checks import MIN_EFFECT, check_fused_eager_restore, check_layer_table, effect, patched
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -122,25 +121,8 @@ def test_layer_table(case, pipes):
     """Index space, heads, head dims, kind and fork units, and the order in which one denoiser call of the pipeline
     really runs the self-/joint-attention modules (found by name, independently of list_layers)."""
     pipe = pipes(case)
-    expected, heads, head_dims, kind, units = CASES[case][1]
-    layers = headpag.list_layers(pipe)
-    assert [x.index for x in layers] == list(range(len(expected)))
-    assert [(x.name, x.fork_unit) for x in layers] == expected
-    assert [x.heads for x in layers] == heads and [x.head_dim for x in layers] == head_dims
-    assert {x.kind for x in layers} == {kind}
-    assert forward_units(pipe) == units
-
-    den = M.denoiser(pipe)
-    calls = []
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: calls.append(n))
-               for n, m in den.named_modules() if n.endswith((".attn", ".attn1"))]
-    try:  # 2 steps: the image-conditioned ones run the last one or two of them
-        M.run(pipe, _inputs(case, cfg=False, steps=2, **_one(case)))
-    finally:
-        for h in handles:
-            h.remove()
-    n_calls = len(calls) // len(layers)
-    assert n_calls >= 1 and calls == [x.name for x in layers] * n_calls
+    # 2 steps: the image-conditioned ones run the last one or two of them
+    check_layer_table(pipe, *CASES[case][1], run=lambda: M.run(pipe, _inputs(case, cfg=False, steps=2, **_one(case))))
 
 
 def _one(case: str) -> dict:

@@ -18,10 +18,9 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 import headpag
-from headpag.archs import forward_units
 from support import models as M
 from support import models_variants as V
-from support.checks import ENABLE, MIN_EFFECT, check_fused_eager_restore, close, effect, guided
+from support.checks import ENABLE, MIN_EFFECT, check_fused_eager_restore, check_layer_table, close, effect, guided
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -109,24 +108,8 @@ def test_layer_table(case, pipes):
     """The index space, heads, head dims, kind and fork units, and the order in which one denoiser call of the
     pipeline really runs the self-/joint-attention modules (found by name, independently of list_layers)."""
     pipe = pipes(case)
-    expected, heads, head_dims, kind, units = CASES[case][1]
-    layers = headpag.list_layers(pipe)
-    assert [x.index for x in layers] == list(range(len(expected)))
-    assert [(x.name, x.fork_unit) for x in layers] == expected
-    assert [x.heads for x in layers] == heads and [x.head_dim for x in layers] == head_dims
-    assert {x.kind for x in layers} == {kind}
-    assert forward_units(pipe) == units
-
-    den = M.denoiser(pipe)
-    calls = []
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: calls.append(n))
-               for n, m in den.named_modules() if n.endswith((".attn", ".attn1"))]
-    try:
-        M.run(pipe, V.inputs(_variant(case), pipe, batch=1, num_images_per_prompt=1, steps=1, strength=1.0))
-    finally:
-        for h in handles:
-            h.remove()
-    assert calls == [x.name for x in layers]
+    check_layer_table(pipe, *CASES[case][1], run=lambda: M.run(
+        pipe, V.inputs(_variant(case), pipe, batch=1, num_images_per_prompt=1, steps=1, strength=1.0)))
 
 
 def _diffusers_selection(pipe, pag_layers: list[str]) -> list[str]:

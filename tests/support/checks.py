@@ -120,6 +120,23 @@ def forward_order(modules: dict, call: Callable[[], object]) -> list:
     return order
 
 
+def check_layer_table(pipe, expected: list, heads: list, head_dims: list, kind: str, units: list,
+                      run: Callable[[], object]) -> None:
+    """``list_layers`` and ``forward_units`` of ``pipe`` as expected (``expected``: ``(name, fork unit)`` per layer),
+    and ``run()`` (a pipeline call) starts the self- / joint-attention modules, found by name independently of
+    ``list_layers``, in exactly that order, once per denoiser call."""
+    layers = headpag.list_layers(pipe)
+    assert [x.index for x in layers] == list(range(len(expected)))
+    assert [(x.name, x.fork_unit) for x in layers] == expected
+    assert [x.heads for x in layers] == heads and [x.head_dim for x in layers] == head_dims
+    assert {x.kind for x in layers} == {kind}
+    assert headpag.forward_units(pipe) == units
+    attention = {n: m for n, m in M.denoiser(pipe).named_modules() if n.endswith((".attn", ".attn1"))}
+    calls = forward_order(attention, run)
+    n_calls = len(calls) // len(layers)
+    assert n_calls >= 1 and calls == [x.name for x in layers] * n_calls
+
+
 @contextlib.contextmanager
 def recorded_rows(modules: dict[str, torch.nn.Module]):
     """Inside the block, forward pre-hooks record the leading dim of the first tensor argument of each module, per
