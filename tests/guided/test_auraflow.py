@@ -8,20 +8,16 @@ fold; the unpatched pipeline for ``scale=0`` / after disable."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import AuraFlowTransformer2DModel
-from torch.overrides import TorchFunctionMode
 
 import headpag
 from headpag.archs import forward_units
 from support import models as M
 from support import models_auraflow as A
-from support.checks import ENABLE, check_fused_eager_restore, close, effect, guided, recorded_rows
-from support.tolerances import MIN_EFFECT
+from support.checks import check_fused_eager_restore, forward_order, recorded_rows
+from support.reference import check_matches_reference, module_pass, sdpa_perturbed_copy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -47,16 +43,9 @@ def test_list_layers():
     assert {(x.heads, x.head_dim, x.kind) for x in layers} == {(A.HEADS, A.HEAD_DIM, "joint")}
     assert forward_units(model) == NAMES
     assert {type(model.get_submodule(x.name).processor).__name__ for x in layers} == {"AuraFlowAttnProcessor2_0"}
-    calls = []
-    handles = [model.get_submodule(x.name).register_forward_pre_hook(lambda m, a, n=x.name: calls.append(n))
-               for x in layers]
-    try:
-        with torch.no_grad():
-            model(torch.randn(1, A.LATENT, 8, 8), encoder_hidden_states=torch.randn(1, A.TEXT_LEN, A.TEXT_DIM),
-                  timestep=torch.tensor([0.5]))
-    finally:
-        for h in handles:
-            h.remove()
+    calls = forward_order({x.name: model.get_submodule(x.name) for x in layers}, lambda: model(
+        torch.randn(1, A.LATENT, 8, 8), encoder_hidden_states=torch.randn(1, A.TEXT_LEN, A.TEXT_DIM),
+        timestep=torch.tensor([0.5])))
     assert calls == [x.name for x in layers]
 
 
@@ -104,74 +93,16 @@ def test_interval_reads_the_scheduler_timestep(pipe):
 # --- against independent perturbed passes --------------------------------------------------------------------------
 
 
-def reference_fold(pipe, perturbed: torch.nn.Module, scale: float, cfg: bool):
-    """A forward hook on the plain transformer: ``delta = w * (cond - perturbed(cond inputs))`` from the cond rows
-    (the second half under CFG) added to every row."""
-
-    def hook(module, args, kwargs, output):
-        sample = output[0]
-        n = sample.shape[0]
-        cond = slice(n // 2, n) if cfg else slice(0, n)
-        x = args[0][cond]
-        kw = dict(kwargs, encoder_hidden_states=kwargs["encoder_hidden_states"][cond],
-                  timestep=kwargs["timestep"][cond])
-        delta = scale * (sample[cond] - perturbed(x, **kw)[0])
-        return (sample + (delta.repeat(2, 1, 1, 1) if cfg else delta), *output[1:])
-
-    return pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-
-
-class TextFirstImageIdentity(TorchFunctionMode):
-    """The identity attention written independently: SDPA with every pair off the diagonal masked among the tokens
-    from ``n_text`` on (``mode="image"``: the first ``n_text`` tokens being the register and text tokens; 0: the
-    whole joint sequence, ``mode="joint"``; diffusers' ``skip_attention_scores`` does not know AuraFlow's
-    processor)."""
-
-    def __init__(self, n_text: int):
-        super().__init__()
-        self.n_text = n_text
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        call = dict(zip(("query", "key", "value"), args)) | kwargs
-        assert call.get("attn_mask") is None
-        q = call["query"]
-        n = q.shape[-2]
-        image = torch.arange(n) >= self.n_text
-        block = image[:, None] & image[None, :] & ~torch.eye(n, dtype=torch.bool)
-        mask = torch.zeros(n, n, dtype=q.dtype).masked_fill(block, float("-inf"))
-        return func(q, call["key"], call["value"], attn_mask=mask, scale=call.get("scale"))
-
-
-def perturbed_copy(pipe, layer: int, mode: str) -> torch.nn.Module:
-    model = copy.deepcopy(pipe.transformer)
-    attn = model.get_submodule(f"{NAMES[layer]}.attn")
-    original = attn.forward
-
-    def forward(*args, **kwargs):
-        with TextFirstImageIdentity(0 if mode == "joint" else A.REGISTER + A.TEXT_LEN):
-            return original(*args, **kwargs)
-
-    attn.forward = forward
-    return model
-
-
 @pytest.mark.parametrize("mode", ["joint", "image"])
 @pytest.mark.parametrize("layer", [1, 2], ids=["joint-block", "single-block"])
 @pytest.mark.parametrize("guidance_scale", [3.5, 1.0], ids=["cfg", "no-cfg"])
 def test_every_head_of_a_layer_matches_an_independent_perturbed_pass(pipe, guidance_scale, layer, mode):
-    """Every head of a layer with u=1 equals the reference fold of diffusers' identity attention (joint) or of a
-    masked SDPA whose text side is the 8 register tokens plus the text (image): checks the register-token offset,
-    the [uncond, cond] rows and the scale."""
-    call = A.inputs(guidance_scale=guidance_scale)
-    handle = reference_fold(pipe, perturbed_copy(pipe, layer, mode), scale=2.0, cfg=guidance_scale > 1)
-    try:
-        expected = M.run(pipe, call)
-    finally:
-        handle.remove()
-    plain = M.run(pipe, call)
-    assert effect(expected, plain) > MIN_EFFECT
-    for execution in ENABLE:
-        close(guided(pipe, execution, f"{layer}:*", call, scale=2.0, mode=mode), expected, "families", execution)
+    """Every head of a layer with u=1 equals the reference fold (the delta of the cond rows, the second half under
+    CFG, added to every row) of a masked SDPA on that layer: every pair off the diagonal masked (joint: the identity
+    attention; diffusers' ``skip_attention_scores`` does not know AuraFlow's processor), or among the image tokens
+    after the text side, the 8 register tokens plus the text (image): checks the register-token offset, the
+    [uncond, cond] rows and the scale."""
+    n_text = 0 if mode == "joint" else A.REGISTER + A.TEXT_LEN
+    perturbed = sdpa_perturbed_copy(pipe, f"{NAMES[layer]}.attn", "image", n_text=n_text, text="first")
+    check_matches_reference(pipe, A.inputs(guidance_scale=guidance_scale), f"{layer}:*", module_pass(perturbed),
+                            scale=2.0, cfg=guidance_scale > 1, calls="one", cond="last", mode=mode)

@@ -12,17 +12,15 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import CogView4Transformer2DModel
 from diffusers.hooks import LayerSkipConfig, apply_layer_skip
-from torch.overrides import TorchFunctionMode
 
 import headpag
 from headpag.archs import forward_units
 from support import models as M
 from support import models_cogview4 as C
-from support.checks import ENABLE, check_fused_eager_restore, close, effect, guided, recorded_rows
-from support.tolerances import MIN_EFFECT
+from support.checks import check_fused_eager_restore, forward_order, recorded_rows
+from support.reference import check_matches_reference, module_pass, sdpa_perturbed_copy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -47,17 +45,10 @@ def test_list_layers():
     assert {(x.heads, x.head_dim, x.kind) for x in layers} == {(C.HEADS, C.HEAD_DIM, "joint")}
     assert forward_units(model) == [f"transformer_blocks.{i}" for i in range(C.LAYERS)]
     assert {type(model.get_submodule(x.name).processor).__name__ for x in layers} == {"CogView4AttnProcessor"}
-    calls = []
-    handles = [model.get_submodule(x.name).register_forward_pre_hook(lambda m, a, n=x.name: calls.append(n))
-               for x in layers]
-    try:
-        with torch.no_grad():
-            size = torch.tensor([[C.SIZE, C.SIZE]], dtype=torch.float32)
-            model(hidden_states=torch.randn(1, C.LATENT, 8, 8), encoder_hidden_states=torch.randn(1, 5, C.TEXT_DIM),
-                  timestep=torch.tensor([500.0]), original_size=size, target_size=size, crop_coords=size * 0)
-    finally:
-        for h in handles:
-            h.remove()
+    size = torch.tensor([[C.SIZE, C.SIZE]], dtype=torch.float32)
+    calls = forward_order({x.name: model.get_submodule(x.name) for x in layers}, lambda: model(
+        hidden_states=torch.randn(1, C.LATENT, 8, 8), encoder_hidden_states=torch.randn(1, 5, C.TEXT_DIM),
+        timestep=torch.tensor([500.0]), original_size=size, target_size=size, crop_coords=size * 0))
     assert calls == [x.name for x in layers]
 
 
@@ -122,75 +113,19 @@ def test_no_mask_reaches_the_layers(pipes):
 # --- against independent perturbed passes --------------------------------------------------------------------------
 
 
-def reference_fold(pipe, perturbed: torch.nn.Module, scale: float, cfg: bool):
-    """A forward hook on the plain transformer: the cond call (the first of a step) gets ``delta = w * (cond -
-    perturbed(cond inputs))``; with CFG the next call (the uncond one) gets the same delta."""
-    state = {"calls": 0}
-
-    def hook(module, args, kwargs, output):
-        uncond = cfg and state["calls"] % 2 == 1
-        state["calls"] += 1
-        if not uncond:
-            state["delta"] = scale * (output[0] - perturbed(*args, **kwargs)[0])
-        return (output[0] + state["delta"], *output[1:])
-
-    return pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-
-
-class TextFirstImageIdentity(TorchFunctionMode):
-    """``mode="image"`` written independently: SDPA with every image-image pair off the diagonal masked, the
-    first ``n_text`` tokens being the text (the processor's ``[text, image]`` order)."""
-
-    def __init__(self, n_text: int):
-        super().__init__()
-        self.n_text = n_text
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        call = dict(zip(("query", "key", "value"), args)) | kwargs
-        assert call.get("attn_mask") is None
-        q = call["query"]
-        n = q.shape[-2]
-        image = torch.arange(n) >= self.n_text
-        block = image[:, None] & image[None, :] & ~torch.eye(n, dtype=torch.bool)
-        mask = torch.zeros(n, n, dtype=q.dtype).masked_fill(block, float("-inf"))
-        return func(q, call["key"], call["value"], attn_mask=mask)
-
-
-def perturbed_copy(pipe, layer: int, mode: str) -> torch.nn.Module:
-    model = copy.deepcopy(pipe.transformer)
-    if mode == "joint":
-        apply_layer_skip(model, LayerSkipConfig(indices=[layer], fqn="transformer_blocks", skip_attention=False,
-                                                skip_attention_scores=True, skip_ff=False))
-    else:
-        attn = model.transformer_blocks[layer].attn1
-        original = attn.forward
-
-        def forward(*args, **kwargs):
-            with TextFirstImageIdentity(C.TEXT_LEN):
-                return original(*args, **kwargs)
-
-        attn.forward = forward
-    return model
-
-
 @pytest.mark.parametrize("mode", ["joint", "image"])
 @pytest.mark.parametrize("guidance_scale", [5.0, 1.0], ids=["cfg", "no-cfg"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_head_of_a_layer_matches_an_independent_perturbed_pass(pipes, kind, guidance_scale, mode):
-    """Every head of layer 1 with u=1 equals the reference fold of diffusers' identity attention (joint) or of a
-    text-first masked SDPA (image) on that layer: checks the text-first order, the fold into both CFG calls and
-    the scale."""
+    """Every head of layer 1 with u=1 equals the reference fold (the cond call's delta, given to the uncond call
+    too) of diffusers' identity attention (joint) or of a text-first masked SDPA (image) on that layer: checks the
+    text-first order, the fold into both CFG calls and the scale."""
     pipe = pipes[kind]
-    call = C.inputs(kind, guidance_scale=guidance_scale)
-    handle = reference_fold(pipe, perturbed_copy(pipe, 1, mode), scale=2.0, cfg=guidance_scale > 1)
-    try:
-        expected = M.run(pipe, call)
-    finally:
-        handle.remove()
-    plain = M.run(pipe, call)
-    assert effect(expected, plain) > MIN_EFFECT
-    for execution in ENABLE:
-        close(guided(pipe, execution, "1:*", call, scale=2.0, mode=mode), expected, "families", execution)
+    if mode == "joint":
+        perturbed = copy.deepcopy(pipe.transformer)
+        apply_layer_skip(perturbed, LayerSkipConfig(indices=[1], fqn="transformer_blocks", skip_attention=False,
+                                                    skip_attention_scores=True, skip_ff=False))
+    else:  # the processor's [text, image] order
+        perturbed = sdpa_perturbed_copy(pipe, "transformer_blocks.1.attn1", mode, n_text=C.TEXT_LEN, text="first")
+    check_matches_reference(pipe, C.inputs(kind, guidance_scale=guidance_scale), "1:*", module_pass(perturbed),
+                            scale=2.0, cfg=guidance_scale > 1, calls="separate", mode=mode)

@@ -10,19 +10,16 @@ unpatched pipeline for ``scale=0`` / after disable."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import Lumina2Transformer2DModel
-from torch.overrides import TorchFunctionMode
 
 import headpag
 from headpag.archs import forward_units
 from support import models as M
 from support import models_lumina2 as L
-from support.checks import ENABLE, check_fused_eager_restore, close, effect, guided, recorded_rows
+from support.checks import ENABLE, check_fused_eager_restore, close, effect, forward_order, guided, recorded_rows
+from support.reference import check_matches_reference, module_pass, sdpa_perturbed_copy
 from support.tolerances import MIN_EFFECT
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -49,16 +46,9 @@ def test_list_layers():
         [f"noise_refiner.{i}" for i in range(L.REFINERS)] + [f"layers.{i}" for i in range(L.LAYERS)]
     assert {type(model.get_submodule(x.name).processor).__name__ for x in layers} == {"Lumina2AttnProcessor2_0"}
     # forward order == unit order, and the main layers' order == index order
-    calls = []
-    handles = [model.get_submodule(f"{u}.attn").register_forward_pre_hook(lambda m, a, n=u: calls.append(n))
-               for u in forward_units(model)]
-    try:
-        with torch.no_grad():
-            model(torch.randn(1, L.LATENT, 8, 8), timestep=torch.tensor([0.5]),
-                  encoder_hidden_states=torch.randn(1, L.TEXT_LEN, L.TEXT_DIM), encoder_attention_mask=L.mask(1))
-    finally:
-        for h in handles:
-            h.remove()
+    calls = forward_order({u: model.get_submodule(f"{u}.attn") for u in forward_units(model)}, lambda: model(
+        torch.randn(1, L.LATENT, 8, 8), timestep=torch.tensor([0.5]),
+        encoder_hidden_states=torch.randn(1, L.TEXT_LEN, L.TEXT_DIM), encoder_attention_mask=L.mask(1)))
     assert calls == forward_units(model)
 
 
@@ -137,69 +127,14 @@ def test_negative_captions_of_different_lengths_are_fine(pipe):
 # --- against independent perturbed passes --------------------------------------------------------------------------
 
 
-def reference_fold(pipe, perturbed: torch.nn.Module, scale: float, cfg: bool):
-    """A forward hook on the plain transformer: the cond call (the first of a step) gets ``delta = w * (cond -
-    perturbed(cond inputs))``; with CFG the next call (the uncond one) gets the same delta."""
-    state = {"calls": 0}
-
-    def hook(module, args, kwargs, output):
-        uncond = cfg and state["calls"] % 2 == 1
-        state["calls"] += 1
-        if not uncond:
-            state["delta"] = scale * (output[0] - perturbed(*args, **kwargs)[0])
-        return (output[0] + state["delta"], *output[1:])
-
-    return pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-
-
-class TextFirstImageIdentity(TorchFunctionMode):
-    """The identity attention written independently: SDPA with every pair off the diagonal masked among the tokens
-    from ``n_text`` on (``mode="image"``: the effective caption first; 0: the whole joint sequence,
-    ``mode="joint"``)."""
-
-    def __init__(self, n_text: int):
-        super().__init__()
-        self.n_text = n_text
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        call = dict(zip(("query", "key", "value"), args)) | kwargs
-        assert call.get("attn_mask") is None
-        q = call["query"]
-        n = q.shape[-2]
-        image = torch.arange(n) >= self.n_text
-        block = image[:, None] & image[None, :] & ~torch.eye(n, dtype=torch.bool)
-        mask = torch.zeros(n, n, dtype=q.dtype).masked_fill(block, float("-inf"))
-        return func(q, call["key"], call["value"], attn_mask=mask, scale=call.get("scale"))
-
-
-def perturbed_copy(pipe, layer: int, mode: str) -> torch.nn.Module:
-    model = copy.deepcopy(pipe.transformer)
-    attn = model.layers[layer].attn
-    original = attn.forward
-
-    def forward(*args, **kwargs):
-        with TextFirstImageIdentity(0 if mode == "joint" else L.EFFECTIVE):
-            return original(*args, **kwargs)
-
-    attn.forward = forward
-    return model
-
-
 @pytest.mark.parametrize("mode", ["joint", "image"])
 @pytest.mark.parametrize("guidance_scale", [4.0, 1.0], ids=["cfg", "no-cfg"])
 def test_every_head_of_a_layer_matches_an_independent_perturbed_pass(pipe, guidance_scale, mode):
-    """Every head of layer 1 with u=1 equals the reference fold of a masked SDPA on that layer: checks the
-    effective caption length (4 of 6 tokens), the text-first order, the fold into both CFG calls and the scale."""
-    call = L.inputs(guidance_scale=guidance_scale)
-    handle = reference_fold(pipe, perturbed_copy(pipe, 1, mode), scale=2.0, cfg=guidance_scale > 1)
-    try:
-        expected = M.run(pipe, call)
-    finally:
-        handle.remove()
-    plain = M.run(pipe, call)
-    assert effect(expected, plain) > MIN_EFFECT
-    for execution in ENABLE:
-        close(guided(pipe, execution, "1:*", call, scale=2.0, mode=mode), expected, "families", execution)
+    """Every head of layer 1 with u=1 equals the reference fold (the cond call's delta, given to the uncond call
+    too) of a masked SDPA on that layer: every pair off the diagonal masked (joint: the identity attention), or
+    among the image tokens after the effective caption (image): checks the effective caption length (4 of 6
+    tokens), the text-first order, the fold into both CFG calls and the scale."""
+    n_text = 0 if mode == "joint" else L.EFFECTIVE
+    perturbed = sdpa_perturbed_copy(pipe, "layers.1.attn", "image", n_text=n_text, text="first")
+    check_matches_reference(pipe, L.inputs(guidance_scale=guidance_scale), "1:*", module_pass(perturbed), scale=2.0,
+                            cfg=guidance_scale > 1, calls="separate", mode=mode)

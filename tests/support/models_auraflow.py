@@ -25,21 +25,24 @@ SIZE = 16
 LATENT = 4
 
 
-def transformer() -> AuraFlowTransformer2DModel:
-    """:data:`MMDIT` joint + :data:`SINGLE` single blocks of :data:`HEADS` heads of :data:`HEAD_DIM`.
-
-    diffusers' default init leaves this tiny model nearly insensitive to its attention (guidance moves the output by
-    ~1e-3): every linear weight is redrawn with std ``1 / sqrt(fan_in)`` (seeded by the caller's global seed)."""
-    model = AuraFlowTransformer2DModel(sample_size=8, patch_size=2, in_channels=LATENT, num_mmdit_layers=MMDIT,
-                                      num_single_dit_layers=SINGLE, attention_head_dim=HEAD_DIM,
-                                      num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM,
-                                      caption_projection_dim=HEADS * HEAD_DIM, out_channels=LATENT,
-                                      pos_embed_max_size=64).eval()
+def redraw_linear_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every linear weight redrawn with std ``1 / sqrt(fan_in)`` (seeded by the caller's global seed):
+    diffusers' default init leaves the tiny AuraFlow and Lumina2 models nearly insensitive to their attention
+    (guidance moves the output by ~1e-3)."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
                 module.weight.normal_(0.0, module.in_features ** -0.5)
     return model
+
+
+def transformer() -> AuraFlowTransformer2DModel:
+    """:data:`MMDIT` joint + :data:`SINGLE` single blocks of :data:`HEADS` heads of :data:`HEAD_DIM`, linear weights
+    redrawn (:func:`redraw_linear_weights`)."""
+    return redraw_linear_weights(AuraFlowTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=LATENT, num_mmdit_layers=MMDIT, num_single_dit_layers=SINGLE,
+        attention_head_dim=HEAD_DIM, num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM,
+        caption_projection_dim=HEADS * HEAD_DIM, out_channels=LATENT, pos_embed_max_size=64).eval())
 
 
 def pipeline(*, seed: int = 0) -> AuraFlowPipeline:

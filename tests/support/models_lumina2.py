@@ -12,6 +12,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
 
 from . import models as M
+from .models_auraflow import redraw_linear_weights
 
 HEADS = 4
 KV_HEADS = 2
@@ -27,19 +28,12 @@ LATENT = 4
 
 def transformer() -> Lumina2Transformer2DModel:
     """:data:`REFINERS` + :data:`REFINERS` refiner blocks and :data:`LAYERS` main blocks of :data:`HEADS` heads
-    (:data:`KV_HEADS` K/V heads) of :data:`HEAD_DIM`.
-
-    diffusers' default init leaves this tiny model nearly insensitive to its attention: every linear weight is
-    redrawn with std ``1 / sqrt(fan_in)`` (seeded by the caller's global seed)."""
-    model = Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=LATENT, hidden_size=HEADS * HEAD_DIM,
-                                      num_layers=LAYERS, num_refiner_layers=REFINERS, num_attention_heads=HEADS,
-                                      num_kv_heads=KV_HEADS, multiple_of=16, axes_dim_rope=(4, 2, 2),
-                                      axes_lens=(64, 32, 32), cap_feat_dim=TEXT_DIM).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.normal_(0.0, module.in_features ** -0.5)
-    return model
+    (:data:`KV_HEADS` K/V heads) of :data:`HEAD_DIM`, linear weights redrawn
+    (:func:`support.models_auraflow.redraw_linear_weights`)."""
+    return redraw_linear_weights(Lumina2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=LATENT, hidden_size=HEADS * HEAD_DIM, num_layers=LAYERS,
+        num_refiner_layers=REFINERS, num_attention_heads=HEADS, num_kv_heads=KV_HEADS, multiple_of=16,
+        axes_dim_rope=(4, 2, 2), axes_lens=(64, 32, 32), cap_feat_dim=TEXT_DIM).eval())
 
 
 def pipeline(*, seed: int = 0) -> Lumina2Pipeline:

@@ -135,7 +135,8 @@ class PerturbedSDPA(TorchFunctionMode):
     """The perturbed attention written independently on SDPA ``(B, H, N, D)``: ``joint`` returns the values (the
     identity map); ``image`` masks every image-image pair off the diagonal, ``n_text`` tokens being the text, the
     first ones (``text="first"``: ``[text, image]``, FLUX.2, Qwen-Image) or the last (``"last"``: ``[image, caption]``,
-    Z-Image)."""
+    Z-Image); with ``n_text=0`` every pair off the diagonal is masked (the identity map written on SDPA). The call's
+    own ``scale`` (``None``: SDPA's default) is kept."""
 
     def __init__(self, mode: str, n_text: int, text: str = "first"):
         super().__init__()
@@ -156,7 +157,8 @@ class PerturbedSDPA(TorchFunctionMode):
         position = torch.arange(n)
         image = position >= self.n_text if self.text == "first" else position < n - self.n_text
         block = image[:, None] & image[None, :] & ~torch.eye(n, dtype=torch.bool)
-        return func(q, k, v, attn_mask=torch.zeros(n, n, dtype=q.dtype).masked_fill(block, float("-inf")))
+        return func(q, k, v, attn_mask=torch.zeros(n, n, dtype=q.dtype).masked_fill(block, float("-inf")),
+                    scale=call.get("scale"))
 
 
 def sdpa_perturbed_copy(pipe, attention: str, mode: str, n_text: int, text: str = "first") -> torch.nn.Module:
