@@ -15,57 +15,27 @@ import torch
 
 from headpag.archs import call_pattern_of
 from support import models as M
+from support import models_variants as V
 from support import models_variants_more as X
 from support.checks import MIN_EFFECT, check_fused_eager_restore, check_layer_table, effect, patched
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _tb(block: str, attention: int, k: int = 0) -> str:
-    return f"{block}.attentions.{attention}.transformer_blocks.{k}.attn1"
-
-
-# [(name, fork unit)], heads, head dims, kind, forward units
-SD_LAYOUT = (
-    [(_tb("down_blocks.0", 0), "down_blocks.0"), (_tb("down_blocks.0", 1), "down_blocks.0"),
-     (_tb("mid_block", 0), "mid_block"), (_tb("up_blocks.1", 0), "up_blocks.1"),
-     (_tb("up_blocks.1", 1), "up_blocks.1"), (_tb("up_blocks.1", 2), "up_blocks.1")],
-    [4] * 6, [4, 4, 8, 4, 4, 4], "self",
-    ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"],
-)
-SDXL_LAYOUT = (
-    [(_tb("down_blocks.1", 0, 0), "down_blocks.1"), (_tb("down_blocks.1", 0, 1), "down_blocks.1"),
-     (_tb("mid_block", 0, 0), "mid_block"), (_tb("mid_block", 0, 1), "mid_block"),
-     (_tb("up_blocks.0", 0, 0), "up_blocks.0"), (_tb("up_blocks.0", 0, 1), "up_blocks.0"),
-     (_tb("up_blocks.0", 1, 0), "up_blocks.0"), (_tb("up_blocks.0", 1, 1), "up_blocks.0")],
-    [4] * 8, [8] * 8, "self",
-    ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"],
-)
-
-
-def _blocks(prefix: str, attention: str, n: int, heads: int, head_dim: int, kind: str) -> tuple:
-    return ([(f"{prefix}.{i}.{attention}", f"{prefix}.{i}") for i in range(n)], [heads] * n, [head_dim] * n, kind,
-            [f"{prefix}.{i}" for i in range(n)])
-
-
-SD3_LAYOUT = _blocks("transformer_blocks", "attn", 3, 4, 8, "joint")
-HUNYUAN_LAYOUT = _blocks("blocks", "attn1", 6, 2, 8, "self")
-QWEN_LAYOUT = _blocks("transformer_blocks", "attn", 3, 4, 16, "joint")
-
 # case: (factory overrides, layout, heads of the fused/eager check, mode)
 CASES = {
-    "sd_controlnet_img2img": ({}, SD_LAYOUT, "2:0,4:1@0.5", "joint"),  # the ControlNet's mid residual at the fork
-    "sd_controlnet_img2img-down": ({}, SD_LAYOUT, "0:3,5:*@0.7", "joint"),  # fork at the first unit
-    "sdxl_controlnet_inpaint": ({}, SDXL_LAYOUT, "1:2,6:0", "joint"),  # down residuals into the forked down block
-    "sdxl_controlnet_inpaint-4ch": (dict(in_channels=4), SDXL_LAYOUT, "3:1,5:3@0.5", "joint"),  # blend-back path
-    "sd3_controlnet": ({}, SD3_LAYOUT, "0:1,2:3@0.5", "image"),
-    "sd3_controlnet-joint": ({}, SD3_LAYOUT, "1:0,1:2@0.5", "joint"),  # residuals added before and after the fork
-    "hunyuandit_controlnet": ({}, HUNYUAN_LAYOUT, "1:0,4:1@0.5", "joint"),  # residual + skip into forked block 4
-    "hunyuandit_controlnet-last": ({}, HUNYUAN_LAYOUT, "5:*@0.7", "joint"),  # both residuals' blocks; one forked
-    "qwen_edit_inpaint": ({}, QWEN_LAYOUT, "1:0,2:3@0.5", "image"),  # reference tokens appended to the image's
-    "qwen_edit_inpaint-joint": ({}, QWEN_LAYOUT, "0:2,2:*@0.5", "joint"),
-    "qwen_controlnet": ({}, QWEN_LAYOUT, "1:0,2:3@0.5", "image"),
-    "qwen_controlnet-joint": ({}, QWEN_LAYOUT, "0:1,1:3@0.5", "joint"),
+    "sd_controlnet_img2img": ({}, V.SD_LAYOUT, "2:0,4:1@0.5", "joint"),  # the ControlNet's mid residual at the fork
+    "sd_controlnet_img2img-down": ({}, V.SD_LAYOUT, "0:3,5:*@0.7", "joint"),  # fork at the first unit
+    "sdxl_controlnet_inpaint": ({}, V.SDXL_LAYOUT, "1:2,6:0", "joint"),  # down residuals into the forked down block
+    "sdxl_controlnet_inpaint-4ch": (dict(in_channels=4), V.SDXL_LAYOUT, "3:1,5:3@0.5", "joint"),  # blend-back path
+    "sd3_controlnet": ({}, V.SD3_LAYOUT, "0:1,2:3@0.5", "image"),
+    "sd3_controlnet-joint": ({}, V.SD3_LAYOUT, "1:0,1:2@0.5", "joint"),  # residuals added before and after the fork
+    "hunyuandit_controlnet": ({}, V.HUNYUAN_LAYOUT, "1:0,4:1@0.5", "joint"),  # residual + skip into forked block 4
+    "hunyuandit_controlnet-last": ({}, V.HUNYUAN_LAYOUT, "5:*@0.7", "joint"),  # both residuals' blocks; one forked
+    "qwen_edit_inpaint": ({}, V.QWEN_LAYOUT, "1:0,2:3@0.5", "image"),  # reference tokens appended to the image's
+    "qwen_edit_inpaint-joint": ({}, V.QWEN_LAYOUT, "0:2,2:*@0.5", "joint"),
+    "qwen_controlnet": ({}, V.QWEN_LAYOUT, "1:0,2:3@0.5", "image"),
+    "qwen_controlnet-joint": ({}, V.QWEN_LAYOUT, "0:1,1:3@0.5", "joint"),
 }
 
 # variant: (pipeline class name, pattern name, cfg_off)

@@ -25,47 +25,21 @@ from support.checks import ENABLE, MIN_EFFECT, check_fused_eager_restore, check_
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _tb(block: str, attention: int, k: int = 0) -> str:
-    return f"{block}.attentions.{attention}.transformer_blocks.{k}.attn1"
-
-
-# The layer tables of the three denoiser layouts: [(name, fork unit)], heads, head dims, kind, forward units.
-SD_LAYOUT = (
-    [(_tb("down_blocks.0", 0), "down_blocks.0"), (_tb("down_blocks.0", 1), "down_blocks.0"),
-     (_tb("mid_block", 0), "mid_block"), (_tb("up_blocks.1", 0), "up_blocks.1"),
-     (_tb("up_blocks.1", 1), "up_blocks.1"), (_tb("up_blocks.1", 2), "up_blocks.1")],
-    [4] * 6, [4, 4, 8, 4, 4, 4], "self",  # 16 channels in the first level, 32 in the second and the mid block
-    ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"],
-)
-SDXL_LAYOUT = (
-    [(_tb("down_blocks.1", 0, 0), "down_blocks.1"), (_tb("down_blocks.1", 0, 1), "down_blocks.1"),
-     (_tb("mid_block", 0, 0), "mid_block"), (_tb("mid_block", 0, 1), "mid_block"),
-     (_tb("up_blocks.0", 0, 0), "up_blocks.0"), (_tb("up_blocks.0", 0, 1), "up_blocks.0"),
-     (_tb("up_blocks.0", 1, 0), "up_blocks.0"), (_tb("up_blocks.0", 1, 1), "up_blocks.0")],
-    [4] * 8, [8] * 8, "self",
-    ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"],
-)
-SD3_LAYOUT = (
-    [(f"transformer_blocks.{i}.attn", f"transformer_blocks.{i}") for i in range(3)],
-    [4] * 3, [8] * 3, "joint",
-    [f"transformer_blocks.{i}" for i in range(3)],
-)
-
 # name: (factory overrides, layout, heads of the fused/eager check, mode)
 CASES = {
-    "sd_img2img": ({}, SD_LAYOUT, "1:2,3:0@0.5", "joint"),
-    "sd_inpaint": ({}, SD_LAYOUT, "2:1,5:*", "joint"),
-    "sd_inpaint-4ch": (dict(in_channels=4), SD_LAYOUT, "0:3,2:0@0.5", "joint"),  # the blend-back path
-    "sdxl_img2img": ({}, SDXL_LAYOUT, "2:1,5:3@0.5", "joint"),
-    "sdxl_inpaint": ({}, SDXL_LAYOUT, "0:0,7:2", "joint"),
-    "sdxl_inpaint-4ch": (dict(in_channels=4), SDXL_LAYOUT, "3:1,3:3@0.5", "joint"),
-    "sd_controlnet_inpaint": ({}, SD_LAYOUT, "2:0,4:1@0.5", "joint"),
-    "sdxl_controlnet_img2img": ({}, SDXL_LAYOUT, "1:2,6:0", "joint"),
-    "sd3_img2img": ({}, SD3_LAYOUT, "0:1,2:3@0.5", "image"),
-    "sd3_inpaint": ({}, SD3_LAYOUT, "1:0,2:2@0.5", "image"),  # 33 input channels: mask and masked image per row
-    "sd3_inpaint-16ch": (dict(in_channels=16), SD3_LAYOUT, "1:0,1:2@0.5", "joint"),  # the blend-back path
-    "kolors": ({}, SDXL_LAYOUT, "3:1,4:0@0.5", "joint"),
-    "kolors_img2img": ({}, SDXL_LAYOUT, "1:3,7:*", "joint"),
+    "sd_img2img": ({}, V.SD_LAYOUT, "1:2,3:0@0.5", "joint"),
+    "sd_inpaint": ({}, V.SD_LAYOUT, "2:1,5:*", "joint"),
+    "sd_inpaint-4ch": (dict(in_channels=4), V.SD_LAYOUT, "0:3,2:0@0.5", "joint"),  # the blend-back path
+    "sdxl_img2img": ({}, V.SDXL_LAYOUT, "2:1,5:3@0.5", "joint"),
+    "sdxl_inpaint": ({}, V.SDXL_LAYOUT, "0:0,7:2", "joint"),
+    "sdxl_inpaint-4ch": (dict(in_channels=4), V.SDXL_LAYOUT, "3:1,3:3@0.5", "joint"),
+    "sd_controlnet_inpaint": ({}, V.SD_LAYOUT, "2:0,4:1@0.5", "joint"),
+    "sdxl_controlnet_img2img": ({}, V.SDXL_LAYOUT, "1:2,6:0", "joint"),
+    "sd3_img2img": ({}, V.SD3_LAYOUT, "0:1,2:3@0.5", "image"),
+    "sd3_inpaint": ({}, V.SD3_LAYOUT, "1:0,2:2@0.5", "image"),  # 33 input channels: mask and masked image per row
+    "sd3_inpaint-16ch": (dict(in_channels=16), V.SD3_LAYOUT, "1:0,1:2@0.5", "joint"),  # the blend-back path
+    "kolors": ({}, V.SDXL_LAYOUT, "3:1,4:0@0.5", "joint"),
+    "kolors_img2img": ({}, V.SDXL_LAYOUT, "1:3,7:*", "joint"),
 }
 
 # name: diffusers' pag_applied_layers for the parity test

@@ -313,3 +313,38 @@ def make(name: str, build: dict | None = None, **kw) -> tuple:
     """``(pipe, inputs)`` of ``VARIANTS[name]``."""
     pipe = VARIANTS[name].build(**(build or {}))
     return pipe, inputs(name, pipe, **kw)
+
+
+# --- layer tables -----------------------------------------------------------------------------------------------
+
+def _unet_attn1(block: str, attention: int, k: int = 0) -> str:
+    return f"{block}.attentions.{attention}.transformer_blocks.{k}.attn1"
+
+
+# The layer tables of the tiny denoiser layouts: [(name, fork unit)], heads, head dims, kind, forward units.
+SD_LAYOUT = (
+    [(_unet_attn1("down_blocks.0", 0), "down_blocks.0"), (_unet_attn1("down_blocks.0", 1), "down_blocks.0"),
+     (_unet_attn1("mid_block", 0), "mid_block"), (_unet_attn1("up_blocks.1", 0), "up_blocks.1"),
+     (_unet_attn1("up_blocks.1", 1), "up_blocks.1"), (_unet_attn1("up_blocks.1", 2), "up_blocks.1")],
+    [4] * 6, [4, 4, 8, 4, 4, 4], "self",  # 16 channels in the first level, 32 in the second and the mid block
+    ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"],
+)
+SDXL_LAYOUT = (
+    [(_unet_attn1("down_blocks.1", 0, 0), "down_blocks.1"), (_unet_attn1("down_blocks.1", 0, 1), "down_blocks.1"),
+     (_unet_attn1("mid_block", 0, 0), "mid_block"), (_unet_attn1("mid_block", 0, 1), "mid_block"),
+     (_unet_attn1("up_blocks.0", 0, 0), "up_blocks.0"), (_unet_attn1("up_blocks.0", 0, 1), "up_blocks.0"),
+     (_unet_attn1("up_blocks.0", 1, 0), "up_blocks.0"), (_unet_attn1("up_blocks.0", 1, 1), "up_blocks.0")],
+    [4] * 8, [8] * 8, "self",
+    ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"],
+)
+
+
+def block_layout(prefix: str, attention: str, n: int, heads: int, head_dim: int, kind: str) -> tuple:
+    """The layout of ``n`` blocks ``{prefix}.{i}`` each holding one layer ``.{attention}``."""
+    return ([(f"{prefix}.{i}.{attention}", f"{prefix}.{i}") for i in range(n)], [heads] * n, [head_dim] * n, kind,
+            [f"{prefix}.{i}" for i in range(n)])
+
+
+SD3_LAYOUT = block_layout("transformer_blocks", "attn", 3, 4, 8, "joint")
+HUNYUAN_LAYOUT = block_layout("blocks", "attn1", 6, 2, 8, "self")
+QWEN_LAYOUT = block_layout("transformer_blocks", "attn", 3, 4, 16, "joint")
