@@ -18,8 +18,9 @@ from typing import Any, Callable, Iterator, Mapping
 from torch import nn
 
 __all__ = [
-    "Architecture", "LayerInfo", "architecture_of", "block_list", "forward_units", "get_denoiser", "list_layers",
-    "model_class_name", "register_architecture", "registered_architectures",
+    "Architecture", "LayerInfo", "SECOND_DENOISERS", "architecture_of", "block_list", "denoisers_of", "forward_units",
+    "get_denoiser", "list_layers", "model_class_name", "named_denoisers", "register_architecture",
+    "registered_architectures",
 ]
 
 #: What a layer's attention covers: text and image tokens together (SD3, Flux), or image tokens only.
@@ -185,16 +186,16 @@ def _unwrap(obj: object) -> object:
     return getattr(obj, "_orig_mod", obj) if isinstance(obj, nn.Module) else obj
 
 
-def get_denoiser(model_or_pipe: object) -> nn.Module:
-    """The registered denoiser of ``model_or_pipe``.
+#: Pipeline attributes holding a further denoiser that runs some of the steps with the same settings (Wan 2.2
+#: A14B's ``transformer_2``: the low-noise expert, below ``boundary_ratio``).
+SECOND_DENOISERS = ("transformer_2",)
 
-    ``model_or_pipe`` is a registered model (returned as is; a ``torch.compile`` wrapper is unwrapped) or a
-    pipeline whose ``transformer`` or ``unet`` attribute is one. Anything else raises ``TypeError`` listing the
-    registered classes.
-    """
+
+def _primary(model_or_pipe: object) -> tuple[str, nn.Module]:
+    """``(attribute, denoiser)`` of a registered model (attribute "") or of a pipeline's ``transformer`` / ``unet``."""
     obj = _unwrap(model_or_pipe)
     if _lookup(obj) is not None:
-        return obj
+        return "", obj
     found = ""
     if not isinstance(obj, nn.Module):
         for attr in ("transformer", "unet"):
@@ -202,7 +203,7 @@ def get_denoiser(model_or_pipe: object) -> nn.Module:
             if denoiser is None:
                 continue
             if _lookup(denoiser) is not None:
-                return denoiser
+                return attr, denoiser
             found = f" (its .{attr} is a {type(denoiser).__name__})"
             break
     names = ", ".join(a.name for a in _REGISTRY.values())
@@ -210,6 +211,44 @@ def get_denoiser(model_or_pipe: object) -> nn.Module:
         f"unsupported model {type(model_or_pipe).__name__}{found}: expected one of {names}, or a pipeline whose "
         ".transformer or .unet is one (headpag.register_architecture adds a class)"
     )
+
+
+def get_denoiser(model_or_pipe: object) -> nn.Module:
+    """The registered denoiser of ``model_or_pipe`` (a pipeline's primary one: see :func:`denoisers_of`).
+
+    ``model_or_pipe`` is a registered model (returned as is; a ``torch.compile`` wrapper is unwrapped) or a
+    pipeline whose ``transformer`` or ``unet`` attribute is one. Anything else raises ``TypeError`` listing the
+    registered classes.
+    """
+    return _primary(model_or_pipe)[1]
+
+
+def named_denoisers(model_or_pipe: object) -> tuple[tuple[str, nn.Module], ...]:
+    """``(attribute, denoiser)`` of every denoiser of ``model_or_pipe`` that runs steps of its loop: the primary one
+    (:func:`get_denoiser`; attribute "" for a model passed itself), then each of :data:`SECOND_DENOISERS` the
+    pipeline has and that is not None (Wan 2.2 A14B: ``("transformer", ...), ("transformer_2", ...)``), each once.
+    A second denoiser that is no registered model raises ``TypeError`` naming it."""
+    attr, primary = _primary(model_or_pipe)
+    found = [(attr, primary)]
+    obj = _unwrap(model_or_pipe)
+    if isinstance(obj, nn.Module):
+        return tuple(found)
+    for name in SECOND_DENOISERS:
+        denoiser = _unwrap(getattr(obj, name, None))
+        if denoiser is None or any(denoiser is d for _, d in found):
+            continue
+        if _lookup(denoiser) is None:
+            names = ", ".join(a.name for a in _REGISTRY.values())
+            raise TypeError(f"unsupported second denoiser: {type(obj).__name__}.{name} is a {type(denoiser).__name__}, "
+                            f"expected one of {names}")
+        found.append((name, denoiser))
+    return tuple(found)
+
+
+def denoisers_of(model_or_pipe: object) -> tuple[nn.Module, ...]:
+    """Every denoiser of ``model_or_pipe`` (:func:`named_denoisers`): ``(get_denoiser(pipe),)`` for a pipeline with
+    one, ``(pipe.transformer, pipe.transformer_2)`` for Wan 2.2 A14B; a model passed itself gives ``(model,)``."""
+    return tuple(denoiser for _, denoiser in named_denoisers(model_or_pipe))
 
 
 def architecture_of(model_or_pipe: object) -> Architecture:

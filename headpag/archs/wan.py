@@ -16,8 +16,10 @@
   token, ``(B, seq)``, and image-to-video puts 0 on the tokens of the conditioning first frame (the first ones), so
   the scheduler timestep is the row's maximum, not its first entry.
 - Wan 2.2 A14B has two transformers: ``transformer`` for the high-noise steps (``t >= boundary_ratio * 1000``) and
-  ``transformer_2`` for the rest. headpag attaches to ``pipe.transformer`` only, so only the high-noise steps are
-  guided (inside the interval, which is read over the whole schedule); ``transformer_2``'s steps run plain.
+  ``transformer_2`` for the rest (same class and config; ``guidance_scale_2`` is the CFG scale of its steps).
+  headpag guides both (``headpag.archs.denoisers_of``): one session on each, the same settings, the heads resolved
+  against each, and the PAG interval read over the whole schedule (a step's position in ``scheduler.timesteps``,
+  whichever transformer runs it). Each transformer's uncond call gets the delta of its own cond call of the step.
 - Wan 2.1 FLF2V (first-last-frame, ``pos_embed_seq_len`` set) passes ``2 B`` rows of image tokens that the model
   folds to ``B``: not supported (the rows cannot be widened by leading dim).
 - Real checkpoints (the Wan team's ``wan/configs/wan_*.py``; diffusers' defaults are the 14B ones): Wan 2.1
@@ -51,8 +53,9 @@ WAN = register_architecture(Architecture(
 ))
 
 # Each step: the cond rows under cache_context("cond"), then (guidance_scale > 1) the uncond rows under
-# cache_context("uncond"), both through the stage's transformer. CFG is on by default (guidance_scale 5.0) and
-# off at guidance_scale <= 1 (Wan 2.2 A14B's guidance_scale_2 defaults to guidance_scale).
+# cache_context("uncond"), both through the stage's transformer (Wan 2.2 A14B: transformer or transformer_2). CFG is
+# on by default (guidance_scale 5.0) and off at guidance_scale <= 1 (Wan 2.2 A14B's guidance_scale_2 defaults to
+# guidance_scale).
 SEPARATE_CFG = CallPattern("separate", {"guidance_scale": 1.0})
 for _pipeline in ("WanPipeline", "WanImageToVideoPipeline"):
     register_pipeline(_pipeline, SEPARATE_CFG)

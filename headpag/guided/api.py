@@ -1,15 +1,36 @@
 """The public API of the guided step: ``enable_fused`` / ``enable_eager`` / ``enable`` / ``disable`` /
-``is_enabled`` / ``configure`` / ``set_row_heads`` / ``fused``."""
+``is_enabled`` / ``configure`` / ``set_row_heads`` / ``fused``.
+
+Each acts on every denoiser of the pipeline (``headpag.archs.denoisers_of``): one guided session per denoiser, all
+with the same settings, the heads resolved against each. Wan 2.2 A14B runs ``transformer`` on the high-noise steps
+and ``transformer_2`` on the others: both are guided, the PAG interval read over the whole schedule."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
 
-from ..archs import call_pattern_of, get_denoiser
+from ..archs import call_pattern_of, named_denoisers
 from ..heads import HeadSet
-from .session import attach, detach, session_of
+from .session import GuidedSession, attach, detach, sessions_of
 from .settings import EXECUTIONS, make_settings
+
+
+def _per_denoiser(named, make) -> list:
+    """``make(item)`` for each ``(attribute, item)`` of ``named`` (a denoiser or its session); a ``ValueError`` on
+    a second denoiser (heads that do not resolve on ``transformer_2``) names it."""
+    out = []
+    for name, item in named:
+        try:
+            out.append(make(item))
+        except ValueError as err:
+            if not out:
+                raise
+            raise ValueError(
+                f"pipe.{name}: {err} (headpag guides every denoiser of the pipeline with the same heads, resolved "
+                f"against each, and pipe.{name}'s layers x heads differ from pipe.{named[0][0]}'s)"
+            ) from err
+    return out
 
 
 def enable(pipe, heads, *, execution: str = "fused", scale: float = 3.0, u: float | None = None, mode: str = "joint",
@@ -27,19 +48,17 @@ def enable(pipe, heads, *, execution: str = "fused", scale: float = 3.0, u: floa
         mode: ``"joint"`` (identity over the whole sequence) or ``"image"`` (identity on the image-image block).
         interval: ``(start, stop)``: step ``i`` of ``T`` is guided iff ``start <= i / T < stop``.
 
+    A pipeline with several denoisers (Wan 2.2 A14B: ``transformer`` and ``transformer_2``, each running part of
+    the steps) gets the same settings on each, ``heads`` resolved against each denoiser (a ``ValueError`` naming
+    ``transformer_2`` when they do not resolve there).
+
     Enabling again replaces the settings (never stacks); :func:`disable` restores the pipeline exactly. Every
-    argument is checked before anything is attached.
+    argument is checked before anything is attached, and a failure while attaching leaves the pipeline unpatched.
     """
     if execution not in EXECUTIONS:
         raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
     call_pattern_of(pipe)  # an unknown pipeline raises before anything is attached
-    if getattr(pipe, "transformer_2", None) is not None:
-        raise ValueError(
-            f"{type(pipe).__name__} has a second denoiser (transformer_2, e.g. Wan 2.2 A14B's low-noise expert) that "
-            f"runs part of the steps: headpag guides one denoiser, so guidance would be off on those steps; load the "
-            f"pipeline without transformer_2 or use a single-denoiser checkpoint"
-        )
-    settings = make_settings(get_denoiser(pipe), heads, scale, u, mode, interval)
+    settings = _per_denoiser(named_denoisers(pipe), lambda d: make_settings(d, heads, scale, u, mode, interval))
     attach(pipe, execution, settings)
 
 
@@ -58,61 +77,87 @@ def enable_eager(pipe, heads, *, scale: float = 3.0, u: float | None = None, mod
 
 
 def disable(pipe) -> None:
-    """Removes every hook headpag attached to ``pipe`` (nothing to do when it is not patched; a ``pipe`` without a
-    registered denoiser raises ``TypeError``)."""
+    """Removes every hook headpag attached to ``pipe``, on each of its denoisers (nothing to do when it is not
+    patched; a ``pipe`` without a registered denoiser raises ``TypeError``)."""
     detach(pipe)
 
 
 def is_enabled(pipe) -> bool:
-    """Whether ``pipe``'s denoiser carries a headpag patch (``TypeError`` for a ``pipe`` without a registered
+    """Whether ``pipe``'s denoisers carry a headpag patch (``TypeError`` for a ``pipe`` without a registered
     denoiser)."""
-    return session_of(pipe) is not None
+    return any(session is not None for _, session in sessions_of(pipe))
 
 
-def _session(pipe):
-    session = session_of(pipe)
-    if session is None:
+def _sessions(pipe) -> list[tuple[str, GuidedSession]]:
+    """``(attribute, session)`` of each denoiser of a patched ``pipe``."""
+    named = sessions_of(pipe)
+    if all(session is None for _, session in named):
         raise ValueError("pipe is not patched: call headpag.enable_fused(pipe, heads), enable_eager or enable first")
-    return session
+    missing = [name for name, session in named if session is None]
+    if missing:
+        raise ValueError(f"pipe.{missing[0]} carries no headpag patch while the pipeline's other denoisers do (was it "
+                         f"replaced after enabling?): call headpag.enable again")
+    return list(named)
+
+
+def _select_all(sessions: list[tuple[str, GuidedSession]], settings: list, row_heads: list) -> None:
+    """``session.select(settings[i], row_heads[i])`` on every session, all or none: on an error the sessions already
+    changed get their previous settings back."""
+    previous = [(session.settings, session.row_heads) for _, session in sessions]
+    done = []
+    try:
+        for (_, session), new, rows in zip(sessions, settings, row_heads):
+            session.select(new, rows)
+            done.append(session)
+    except BaseException:
+        for session, (old, old_rows) in zip(done, previous):
+            session.select(old, old_rows)
+        raise
 
 
 def configure(pipe, *, scale: float | None = None, heads=None, u: float | None = None,
               interval: tuple[float, float] | None = None, mode: str | None = None) -> None:
-    """Changes the settings of a patched pipeline between calls, without re-patching (None keeps a setting)."""
-    session = _session(pipe)
-    s = session.settings
-    new = make_settings(
-        session.denoiser,
-        heads if heads is not None else s.heads,
-        s.scale if scale is None else scale,
-        u,
-        s.mode if mode is None else mode,
-        s.interval if interval is None else interval,
-    )
-    session.select(new)
+    """Changes the settings of a patched pipeline between calls, without re-patching (None keeps a setting), on
+    each of its denoisers."""
+    sessions = _sessions(pipe)
+
+    def make(session: GuidedSession):
+        s = session.settings
+        return make_settings(
+            session.denoiser,
+            heads if heads is not None else s.heads,
+            s.scale if scale is None else scale,
+            u,
+            s.mode if mode is None else mode,
+            s.interval if interval is None else interval,
+        )
+
+    new = _per_denoiser(sessions, make)
+    _select_all(sessions, new, [None] * len(sessions))
 
 
 def set_row_heads(pipe, head_sets: Sequence | None) -> None:
     """One head set per perturbed row of the next calls, cycling (``head_sets[j % len]`` on the twin of cond row
     ``j``): many candidates in one batch, as HeadHunter evaluates them. Each row forks at its own first fork unit.
-    ``None`` goes back to the configured heads. Every set is resolved against the denoiser and must be non-empty;
-    on any error the previous row heads stay.
+    ``None`` goes back to the configured heads. Every set is resolved against each denoiser of the pipeline and
+    must be non-empty; on any error the previous row heads stay (on every denoiser).
     """
-    session = _session(pipe)
-    resolved = None
+    sessions = _sessions(pipe)
+    resolved: list = [None] * len(sessions)
     if head_sets is not None:
         if isinstance(head_sets, (str, HeadSet)) or not isinstance(head_sets, Sequence):
             raise TypeError(
                 f"head_sets must be a sequence of head sets, one per row (e.g. ['1:0', '4:*']), or None; got "
                 f"{type(head_sets).__name__} (for one set on every row use configure(pipe, heads=...))"
             )
-        resolved = [HeadSet.from_any(h).resolve(session.denoiser) for h in head_sets]
-        if not resolved:
+        sets = [HeadSet.from_any(h) for h in head_sets]
+        resolved = _per_denoiser(sessions, lambda session: [h.resolve(session.denoiser) for h in sets])
+        if not sets:
             raise ValueError("head_sets must hold at least one head set (or be None for the configured heads)")
-        empty = [i for i, h in enumerate(resolved) if not len(h)]
+        empty = [i for i, h in enumerate(resolved[0]) if not len(h)]
         if empty:
             raise ValueError(f"head_sets[{empty[0]}] is empty: every row's head set must hold at least one head")
-    session.select(session.settings, resolved)
+    _select_all(sessions, [session.settings for _, session in sessions], resolved)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,7 @@
-"""A guided session: everything ``enable_fused`` / ``enable_eager`` attached to one pipeline, and the guided call.
+"""A guided session: everything ``enable_fused`` / ``enable_eager`` attached to one denoiser of a pipeline, and the
+guided call. A pipeline with several denoisers (Wan 2.2 A14B's ``transformer`` and ``transformer_2``) has one
+session on each, attached and removed together (:func:`attach` / :func:`detach`); each keeps its own per-call state
+(call states, the delta of its step for the uncond call).
 
 Everything is attached with diffusers' hook registry, so the denoiser keeps its identity, every processor stays
 the same object, and removing the session takes away exactly what was added:
@@ -18,13 +21,15 @@ the same object, and removing the session takes away exactly what was added:
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..archs import (
-    LayerInfo, RowLayout, architecture_of, call_pattern_of, forward_units, get_denoiser, list_layers,
+    LayerInfo, RowLayout, architecture_of, call_pattern_of, denoisers_of, forward_units, get_denoiser, list_layers,
+    named_denoisers,
 )
 from ..heads import HeadSet
 from .call_state import CallShape, CallState
@@ -68,11 +73,15 @@ class GuidedSession:
         self.attached = Attached()
         units = [denoiser.get_submodule(unit) for unit in self.units]
         unit_args = [self.arch.unit_args(module, unit) for module, unit in zip(units, self.units)]  # raise before hooking
-        self.select(settings)
-        self.attached.add(denoiser, DenoiserHook(self), DENOISER_HOOK)
-        for position, (module, names) in enumerate(zip(units, unit_args)):
-            self.attached.add(module, UnitHook(self, position, names), UNIT_HOOK)
-        DISPATCH_ROUTING.acquire()
+        try:
+            self.select(settings)
+            self.attached.add(denoiser, DenoiserHook(self), DENOISER_HOOK)
+            for position, (module, names) in enumerate(zip(units, unit_args)):
+                self.attached.add(module, UnitHook(self, position, names), UNIT_HOOK)
+            DISPATCH_ROUTING.acquire()
+        except BaseException:
+            self.attached.remove_all(denoiser)  # a half-built session leaves nothing behind
+            raise
 
     # --- settings -------------------------------------------------------------------------------------------
     def heads_of(self, j: int) -> HeadSet:
@@ -203,24 +212,54 @@ class GuidedSession:
         return replace_sample(out, fold(base, layout, delta))
 
 
+# One session per denoiser; a pipeline with several denoisers (Wan 2.2 A14B's transformer and transformer_2) has one
+# on each, attached and removed together.
 _SESSIONS: "weakref.WeakKeyDictionary[torch.nn.Module, GuidedSession]" = weakref.WeakKeyDictionary()
 
 
 def session_of(pipe) -> GuidedSession | None:
-    """The session attached to ``pipe``'s denoiser, or None."""
+    """The session attached to ``pipe``'s primary denoiser (:func:`headpag.get_denoiser`), or None."""
     return _SESSIONS.get(get_denoiser(pipe))
 
 
-def attach(pipe, execution: str, settings: Settings) -> GuidedSession:
-    """Replaces any session on ``pipe``'s denoiser by a new one."""
-    denoiser = get_denoiser(pipe)
+def sessions_of(pipe) -> tuple[tuple[str, GuidedSession | None], ...]:
+    """``(attribute, session or None)`` for each denoiser of ``pipe`` (``headpag.archs.named_denoisers``), in
+    order: the primary one first."""
+    return tuple((name, _SESSIONS.get(denoiser)) for name, denoiser in named_denoisers(pipe))
+
+
+def attach(pipe, execution: str, settings: Sequence[Settings]) -> tuple[GuidedSession, ...]:
+    """Replaces any sessions on ``pipe``'s denoisers by new ones, ``settings[i]`` on ``denoisers_of(pipe)[i]``. When
+    one fails to attach, none stays: ``pipe`` is left unpatched (an error on a second denoiser names it)."""
+    named = named_denoisers(pipe)
+    if len(settings) != len(named):
+        raise ValueError(f"{len(settings)} settings for the {len(named)} denoisers of {type(pipe).__name__}")
     detach(pipe)
-    session = _SESSIONS[denoiser] = GuidedSession(pipe, denoiser, execution, settings)
-    return session
+    attached: list[tuple[torch.nn.Module, GuidedSession]] = []
+    try:
+        for (name, denoiser), denoiser_settings in zip(named, settings):
+            try:
+                session = GuidedSession(pipe, denoiser, execution, denoiser_settings)
+            except (ValueError, TypeError) as err:
+                if not attached:
+                    raise
+                raise (ValueError if isinstance(err, ValueError) else TypeError)(f"pipe.{name}: {err}") from err
+            _SESSIONS[denoiser] = session
+            attached.append((denoiser, session))
+    except BaseException:
+        for denoiser, session in attached:
+            _SESSIONS.pop(denoiser, None)
+            session.remove()
+        raise
+    return tuple(session for _, session in attached)
 
 
 def detach(pipe) -> None:
-    """Removes the session of ``pipe``'s denoiser (no-op when there is none)."""
-    session = _SESSIONS.pop(get_denoiser(pipe), None)
-    if session is not None:
-        session.remove()
+    """Removes the sessions of ``pipe``'s denoisers and any other session attached through ``pipe`` (a denoiser
+    swapped out of the pipeline since) (no-op when there is none)."""
+    denoisers = list(denoisers_of(pipe))
+    denoisers += [d for d, s in list(_SESSIONS.items()) if s.pipe_ref() is pipe and all(d is not x for x in denoisers)]
+    for denoiser in denoisers:
+        session = _SESSIONS.pop(denoiser, None)
+        if session is not None:
+            session.remove()
