@@ -14,6 +14,8 @@ name, so that none has to be imported). The built-in patterns:
 
 Only the ``"separate"`` pattern reads the cache context. A family whose loop fits none of these subclasses
 :class:`CallPattern`, overrides :meth:`CallPattern.layout`, and registers an instance.
+
+A pipeline class that neither it nor a base class registered is matched by its loop (``loop_reading.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
-from .registry import architecture_of
+from .registry import architecture_of, get_denoiser
 
 __all__ = [
     "CALL_PATTERNS", "CallPattern", "PATTERN_NAMES", "RowLayout", "SeparateCalls", "call_pattern_of", "caller_local",
@@ -184,15 +186,24 @@ def register_pipeline(pipeline: type | str, pattern: str | CallPattern) -> None:
 
 
 def call_pattern_of(pipe) -> CallPattern:
-    """The call pattern of ``pipe``'s class or its nearest registered base class; ``TypeError`` when none is."""
+    """The call pattern of ``pipe``: that of its class or nearest registered base class, else the one its loop
+    follows (:func:`detect_call_pattern`, for a pipeline whose denoiser has a registered architecture; otherwise
+    the ``TypeError`` of :func:`~headpag.archs.registry.get_denoiser`). ``TypeError`` naming the built-in
+    patterns and :func:`register_pipeline` when neither says."""
     for cls in type(pipe).__mro__:
         for key in (cls, cls.__name__):
             if key in _PIPELINES:
                 return _PIPELINES[key]
+    from .loop_reading import PATTERN_MARKERS, detect_call_pattern  # it builds on this module's patterns
+
+    detection = detect_call_pattern(type(pipe), architecture_of(get_denoiser(pipe)))
+    if detection.pattern is not None:
+        return detection.pattern
     names = sorted(k if isinstance(k, str) else k.__name__ for k in _PIPELINES)
+    patterns = "; ".join(f"{name!r}: {what}" for name, what in PATTERN_MARKERS.items())
     raise TypeError(
         f"unsupported pipeline {type(pipe).__name__}: headpag knows the denoiser call patterns of {', '.join(names)} "
-        f"and their subclasses; headpag.register_pipeline(cls, pattern) adds a pipeline whose loop follows one of "
-        f"the patterns {list(PATTERN_NAMES)}"
+        f"and their subclasses, and reads the loop of any other pipeline, but {detection.reason}. "
+        f"headpag.register_pipeline(cls, pattern) adds a pipeline whose loop follows one of the built-in patterns "
+        f"(a CallPattern subclass for any other layout); what headpag looks for in a loop: {patterns}"
     )
-

@@ -68,7 +68,8 @@ def test_subclasses_of_a_registered_model_and_pipeline_are_supported():
 
 
 class _LoopPipeline(DiffusionPipeline):
-    """A pipeline no one registered: SD3's transformer in a plain flow-matching loop, rows [uncond, cond]."""
+    """A pipeline no one registered: SD3's transformer in a plain flow-matching loop, rows [uncond, cond], whose
+    loop headpag cannot read (the prediction is split by slicing, not by a named uncond-first chunk)."""
 
     def __init__(self, transformer, scheduler):
         super().__init__()
@@ -89,8 +90,8 @@ class _LoopPipeline(DiffusionPipeline):
             pred = self.transformer(x, encoder_hidden_states=text[rows], pooled_projections=pooled[rows],
                                     timestep=t.expand(x.shape[0]), return_dict=False)[0]
             if self.do_classifier_free_guidance:
-                uncond, cond = pred.chunk(2)
-                pred = uncond + guidance_scale * (cond - uncond)
+                n = pred.shape[0] // 2
+                pred = pred[:n] + guidance_scale * (pred[n:] - pred[:n])
             latents = self.scheduler.step(pred, t, latents).prev_sample
         return latents
 
