@@ -1,7 +1,8 @@
 """Compile check without a GPU: ``python -m headpag.kernels.aot``.
 
 Compiles every launch configuration of the fused kernel (``configs.py``) for sm_80 and sm_90, float16 and
-bfloat16, each head dim diffusers' models use and both modes with ``triton.compile`` and ``GPUTarget``, then
+bfloat16, each head dim diffusers' models use, both modes and each attention-mask kind (none, per key, per
+query-key pair) with ``triton.compile`` and ``GPUTarget``, then
 reads the results: shared memory from triton's metadata, registers and spills from ``ptxas -v`` on the PTX,
 tensor-core instructions (HMMA / HGMMA) from ``nvdisasm`` on the cubin, and the asynchronous copies
 (``cp.async``) that show the key loop is software-pipelined. Prints a table and exits non-zero if any config
@@ -39,6 +40,11 @@ class Job:
     mode: str
     head_dim: int
     config: KernelConfig
+    bias_kind: int = 0
+
+
+#: The kernel's ``BIAS_KIND`` values by name (``triton_kernel.bias_kind``).
+MASKS = {"none": 0, "key": 1, "pair": 2}
 
 
 @dataclass
@@ -49,6 +55,7 @@ class Result:
     head_dim: int
     block_d: int
     config: str
+    mask: str = "none"
     ok: bool = False
     shared: int = -1
     registers: int = -1
@@ -77,14 +84,15 @@ class Result:
         return problems
 
 
-def all_jobs(archs=ARCHS, dtypes=COMPILED_DTYPES, modes=MODES, head_dims=COMPILED_HEAD_DIMS) -> list[Job]:
+def all_jobs(archs=ARCHS, dtypes=COMPILED_DTYPES, modes=MODES, head_dims=COMPILED_HEAD_DIMS, masks=tuple(MASKS)) -> list[Job]:
     return [
-        Job(arch, dtype, mode, head_dim, config)
+        Job(arch, dtype, mode, head_dim, config, MASKS[mask])
         for arch in archs
         for dtype in dtypes
         for mode in modes
         for head_dim in head_dims
-        for config in configs_for(arch, padded_head_dim(head_dim), mode)
+        for mask in masks
+        for config in configs_for(arch, padded_head_dim(head_dim), mode, MASKS[mask])
     ]
 
 
@@ -133,8 +141,9 @@ def _async_copies(ptx: str) -> int:
 
 def _signature(dtype: str, fn) -> dict[str, str]:
     constexprs = {"HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "IMAGE_MODE", "INPUT_PRECISION", "COUNT_VISITS",
-                  "STRIDE_MULTIPLE"}
-    pointers = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "U": "*fp32", "VISITS": "*i32"}
+                  "STRIDE_MULTIPLE", "BIAS_KIND"}
+    pointers = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "U": "*fp32", "VISITS": "*i32",
+                "BIAS": "*fp32"}
     sig = {}
     for name in fn.arg_names:
         if name in pointers:
@@ -157,20 +166,22 @@ def compile_one(job: Job) -> Result:
     from .triton_kernel import stride_multiple
 
     block_d = padded_head_dim(job.head_dim)
-    result = Result(job.arch, job.dtype, job.mode, job.head_dim, block_d, str(job.config))
+    mask = next(name for name, kind in MASKS.items() if kind == job.bias_kind)
+    result = Result(job.arch, job.dtype, job.mode, job.head_dim, block_d, str(job.config), mask)
     start = time.perf_counter()
     try:
         sig = _signature(job.dtype, fn)
         constexprs = {
             "HEAD_DIM": job.head_dim, "BLOCK_D": block_d, "BLOCK_M": job.config.BLOCK_M,
             "BLOCK_N": job.config.BLOCK_N, "IMAGE_MODE": job.mode == "image", "INPUT_PRECISION": "ieee",
-            "COUNT_VISITS": False, "STRIDE_MULTIPLE": stride_multiple([job.head_dim]),
+            "COUNT_VISITS": False, "STRIDE_MULTIPLE": stride_multiple([job.head_dim]), "BIAS_KIND": job.bias_kind,
         }
         # What the JIT infers for aligned pointers, and for strides when the head dim is a multiple of 16; contiguous
         # inputs have strides that are multiples of the head dim (STRIDE_MULTIPLE above).
         aligned = [n for n, kind in sig.items() if kind.startswith("*")]
         if job.head_dim % 16 == 0:
-            aligned += [n for n, kind in sig.items() if n.startswith("stride_") and kind == "i32"]
+            aligned += [n for n, kind in sig.items()
+                        if n.startswith("stride_") and not n.startswith("stride_bias") and kind == "i32"]
         attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
         kernel = triton.compile(
@@ -190,12 +201,12 @@ def compile_one(job: Job) -> Result:
 
 
 def format_table(results: list[Result]) -> str:
-    header = ("arch", "dtype", "mode", "D", "BLOCK_D", "config", "smem B", "regs", "spill st/ld", "MMA", "cp.async", "status")
+    header = ("arch", "dtype", "mode", "mask", "D", "BLOCK_D", "config", "smem B", "regs", "spill st/ld", "MMA", "cp.async", "status")
     rows = [header]
     for r in results:
         status = "ok" if not r.failures else "; ".join(r.failures)
         rows.append((
-            f"sm_{r.arch}", r.dtype, r.mode, str(r.head_dim), str(r.block_d), r.config, str(r.shared),
+            f"sm_{r.arch}", r.dtype, r.mode, r.mask, str(r.head_dim), str(r.block_d), r.config, str(r.shared),
             str(r.registers), f"{r.spill_stores}/{r.spill_loads}", f"{r.mma} {r.mma_kind}", str(r.async_copies), status,
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -205,19 +216,20 @@ def format_table(results: list[Result]) -> str:
 
 
 def format_summary(results: list[Result]) -> str:
-    """One row per (arch, mode, padded head dim): configs, worst registers / spills / shared memory, MMA kind."""
+    """One row per (arch, mode, mask, padded head dim): configs, worst registers / spills / shared memory, MMA kind."""
     groups: dict[tuple, list[Result]] = {}
     for r in results:
-        groups.setdefault((r.arch, r.mode, r.block_d), []).append(r)
+        groups.setdefault((r.arch, r.mode, MASKS[r.mask], r.block_d), []).append(r)
     lines = [
-        "| arch | mode | BLOCK_D | configs compiled (ok) | max regs | max spill B | max smem B | tensor cores | pipelined |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| arch | mode | mask | BLOCK_D | configs compiled (ok) | max regs | max spill B | max smem B | tensor cores | pipelined |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (arch, mode, block_d), rs in sorted(groups.items()):
+    for (arch, mode, bias_kind, block_d), rs in sorted(groups.items()):
+        mask = next(name for name, kind in MASKS.items() if kind == bias_kind)
         ok = [r for r in rs if not r.failures]
         kinds = sorted({r.mma_kind for r in rs if r.mma_kind})
         lines.append(
-            f"| sm_{arch} | {mode} | {block_d} | {len(rs)} ({len(ok)}) | {max(r.registers for r in rs)} | "
+            f"| sm_{arch} | {mode} | {mask} | {block_d} | {len(rs)} ({len(ok)}) | {max(r.registers for r in rs)} | "
             f"{max(r.spill_stores + r.spill_loads for r in rs)} | {max(r.shared for r in rs)} | {'/'.join(kinds)} | "
             f"{sum(r.async_copies > 0 for r in rs)}/{len(rs)} |"
         )
@@ -241,6 +253,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS, help="compute capabilities")
     parser.add_argument("--dtype", nargs="+", default=list(COMPILED_DTYPES), choices=COMPILED_DTYPES)
     parser.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--mask", nargs="+", default=list(MASKS), choices=list(MASKS), help="attention-mask kinds")
     parser.add_argument("--head-dim", type=int, nargs="+", default=list(COMPILED_HEAD_DIMS), help="head dims to compile")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -248,7 +261,7 @@ def main(argv=None) -> int:
     for d in args.head_dim:
         padded_head_dim(d)
 
-    jobs = all_jobs(args.arch, args.dtype, args.mode, args.head_dim)
+    jobs = all_jobs(args.arch, args.dtype, args.mode, args.head_dim, args.mask)
     start = time.perf_counter()
     results = run(jobs, args.workers)
     elapsed = time.perf_counter() - start

@@ -63,6 +63,27 @@ _IMAGE = {
 }
 
 
+# Masked launches (BIAS_KIND 1: one mask bias per key, 2: one per query-key pair) load the bias tile too and need
+# more registers: the configs above minus those that spill with that mask, plus a replacement where none is left.
+_MASKED_SPILLS = {  # (arch, mode, block_d, bias kind) -> configs that spill there
+    (80, "joint", 32, 2): {C(64, 64, 4, 2)},
+    (80, "joint", 128, 2): {C(128, 64, 8, 2)},
+    (80, "joint", 256, 2): {C(32, 32, 8, 2)},
+    (80, "image", 16, 1): {C(128, 32, 8, 2)},
+    (80, "image", 16, 2): {C(128, 64, 8, 2), C(64, 64, 8, 2)},
+    (80, "image", 32, 2): {C(128, 64, 8, 2), C(64, 64, 8, 2)},
+    (80, "image", 64, 2): {C(128, 32, 8, 2), C(64, 64, 8, 2)},
+    (80, "image", 128, 1): {C(64, 32, 8, 2)},
+    (80, "image", 128, 2): {C(64, 32, 8, 2)},
+    (90, "joint", 256, 1): {C(32, 32, 8, 2)},
+    (90, "image", 16, 2): {C(64, 64, 4, 2)},
+    (90, "image", 32, 2): {C(64, 64, 4, 2)},
+    (90, "image", 64, 2): {C(64, 64, 4, 2)},
+}
+_MASKED_EXTRA = {(80, "image", 64, 2): (C(64, 32, 8, 2),)}
+BIAS_KINDS = (0, 1, 2)
+
+
 def padded_head_dim(D: int) -> int:
     """The power-of-two tile width that holds a head dim of ``D`` (masked beyond ``D``)."""
     if D < 1 or D > MAX_HEAD_DIM:
@@ -70,13 +91,20 @@ def padded_head_dim(D: int) -> int:
     return next(p for p in PADDED_HEAD_DIMS if p >= D)
 
 
-def configs_for(arch: int, block_d: int, mode: str) -> tuple[KernelConfig, ...]:
+def configs_for(arch: int, block_d: int, mode: str, bias_kind: int = 0) -> tuple[KernelConfig, ...]:
     """Autotuning candidates for compute capability ``arch`` (e.g. 80 Ampere, 86/89 use the sm_80 table, 90
-    and newer the sm_90 one)."""
+    and newer the sm_90 one), a padded head dim, a mode and the kernel's ``BIAS_KIND`` (0: no mask)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if bias_kind not in BIAS_KINDS:
+        raise ValueError(f"bias_kind must be one of {BIAS_KINDS}, got {bias_kind!r}")
     tables = _IMAGE if mode == "image" else _JOINT
-    table = tables[max(a for a in ARCHS if a <= arch) if arch >= ARCHS[0] else ARCHS[0]]
+    table_arch = max(a for a in ARCHS if a <= arch) if arch >= ARCHS[0] else ARCHS[0]
+    table = tables[table_arch]
     if block_d not in table:
         raise ValueError(f"block_d must be one of {tuple(table)}, got {block_d}")
-    return table[block_d]
+    if bias_kind == 0:
+        return table[block_d]
+    key = (table_arch, mode, block_d, bias_kind)
+    spills = _MASKED_SPILLS.get(key, set())
+    return tuple(c for c in table[block_d] if c not in spills) + _MASKED_EXTRA.get(key, ())

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .flops import attention_flops
 from .torch_path import torch_perturbed_attention
-from .validation import check_backend, check_call, given_codes, prepare_u, resolve_codes
+from .validation import check_backend, check_call, given_codes, prepare_mask, prepare_u, resolve_codes
 
 try:
     from . import triton_kernel
@@ -35,8 +35,9 @@ def _perturbed_attention_op(
     text_first: bool,
     scale: float,
     backend: str,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    kwargs = dict(layout=layout, mode=mode, n_text=n_text, text_first=text_first, scale=scale)
+    kwargs = dict(layout=layout, mode=mode, n_text=n_text, text_first=text_first, scale=scale, bias=bias)
     if backend == "triton":
         return triton_kernel.triton_perturbed_attention(q, k, v, u, **kwargs)
     codes_t = torch.tensor(codes, dtype=torch.int8).view(u.shape)
@@ -44,7 +45,7 @@ def _perturbed_attention_op(
 
 
 @_perturbed_attention_op.register_fake
-def _perturbed_attention_fake(q, k, v, u, codes, layout, mode, n_text, text_first, scale, backend):
+def _perturbed_attention_fake(q, k, v, u, codes, layout, mode, n_text, text_first, scale, backend, bias=None):
     return q.new_empty(q.shape)
 
 
@@ -72,7 +73,7 @@ def _check_call(q, k, v, layout, mode, n_text, text_first, scale, backend):
 def perturbed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u, *,
     layout: str = "bhnd", mode: str = "joint", n_text: int = 0, text_first: bool = False, scale: float | None = None,
-    backend: str = "auto", plan=None,
+    backend: str = "auto", plan=None, attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention whose map, per (batch row, head), is ``(1 - u) * A + u * P``: ``A`` the softmax attention map
     ``softmax(scale * q k^T)``, ``P`` the perturbed map of ``mode`` (below), ``u`` that pair's coefficient.
@@ -89,6 +90,10 @@ def perturbed_attention(
         plan: optional ``(B, H)``-broadcastable codes (0: ``u == 0``, 1: ``0 < u < 1``, 2: ``u == 1``) that
             say which work is done; required on the meta device, checked against ``u`` elsewhere. Under
             ``torch.compile`` pass it as Python ints (a tensor plan must be read: a graph break).
+        attn_mask: as in ``F.scaled_dot_product_attention``, always query x key ``(B, H, N, N)``-broadcastable
+            whatever the layout (a 2-D mask is ``(B, N)`` over the keys): bool (True: attend) or a floating
+            bias added to the scaled scores. It enters ``A`` and the image-mode ``P``; the joint identity returns
+            each query's own value regardless. A row whose every key is masked gets 0 from ``A``, as in SDPA.
 
     Returns:
         A tensor with q's layout, shape and dtype (contiguous).
@@ -97,14 +102,14 @@ def perturbed_attention(
     u_t, u_host = prepare_u(u, shape.B, shape.H, q.device)
     codes = resolve_codes(u_t, plan, u_host)
     return torch.ops.headpag.perturbed_attention(
-        q, k, v, u_t, codes, layout, mode, n_text, text_first, scale, backend
+        q, k, v, u_t, codes, layout, mode, n_text, text_first, scale, backend, prepare_mask(attn_mask, shape, q)
     )
 
 
 def perturbed_attention_from_plan(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor, *, plan,
     layout: str = "bhnd", mode: str = "joint", n_text: int = 0, text_first: bool = False, scale: float | None = None,
-    backend: str = "auto",
+    backend: str = "auto", attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`perturbed_attention` for callers that built ``u`` and ``plan`` together from checked values
     (headpag's guided attention layers): ``u`` is never read, so a call never waits for the device.
@@ -121,5 +126,6 @@ def perturbed_attention_from_plan(
         raise ValueError("plan is required: perturbed_attention_from_plan never reads u (use perturbed_attention)")
     codes = given_codes(plan, shape.B, shape.H)
     return torch.ops.headpag.perturbed_attention(
-        q, k, v, u.contiguous(), codes, layout, mode, n_text, text_first, scale, backend
+        q, k, v, u.contiguous(), codes, layout, mode, n_text, text_first, scale, backend,
+        prepare_mask(attn_mask, shape, q),
     )

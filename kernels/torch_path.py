@@ -21,27 +21,44 @@ def _pairs(keep: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torc
     return b.to(device), h.to(device)
 
 
-def _sdpa_pairs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """SDPA over gathered pairs ``(M, N, D)``, run as one ``(1, M, N, D)`` batch: torch's fused CPU kernels take 4-D
-    inputs only, and a 3-D call falls back to the math path, which materialises the N x N maps."""
-    return F.scaled_dot_product_attention(q[None], k[None], v[None], scale=scale)[0]
+def _sdpa_pairs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """SDPA over gathered pairs ``(M, N, D)`` with their score ``bias`` ``(M, N or 1, N)`` (or None), run as one
+    ``(1, M, N, D)`` batch: torch's fused CPU kernels take 4-D inputs only, and a 3-D call falls back to the math
+    path, which materialises the N x N maps."""
+    mask = None if bias is None else bias[None].to(q.dtype)
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale)[0]
 
 
-def _perturbed_image_rows(q_img, k_img, v_img, k_txt, v_txt, scale: float) -> torch.Tensor:
+def _bias_rows(bias: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """The query rows ``rows`` of a gathered bias ``(M, N or 1, N)`` (a bias shared by every query row stays so)."""
+    return bias if bias is None or bias.shape[1] == 1 else bias[:, rows]
+
+
+def _perturbed_image_rows(q_img, k_img, v_img, k_txt, v_txt, scale: float, bias, img: slice, txt: slice) -> torch.Tensor:
     """``P v`` for image queries: softmax over the text keys and the query's own key, in float32 or wider.
 
-    Shapes ``(M, N_img, D)`` for the image tensors and ``(M, N_txt, D)`` for the text ones.
+    Shapes ``(M, N_img, D)`` for the image tensors and ``(M, N_txt, D)`` for the text ones; ``bias`` is the pairs'
+    gathered score bias ``(M, N or 1, N)`` or None, ``img`` / ``txt`` the token ranges. A row whose every key is
+    masked gets 0.
     """
     dtype = torch.promote_types(q_img.dtype, torch.float32)
     q_img, k_img, v_img, k_txt, v_txt = (t.to(dtype) for t in (q_img, k_img, v_img, k_txt, v_txt))
     s_diag = (q_img * k_img).sum(-1, keepdim=True) * scale
-    if k_txt.shape[-2] == 0:
-        return v_img
     s_txt = q_img @ k_txt.transpose(-1, -2) * scale
-    m = torch.maximum(s_txt.amax(-1, keepdim=True), s_diag)
+    if bias is not None:
+        bias = bias.to(dtype)
+        if bias.shape[1] == 1:
+            s_diag = s_diag + bias[:, 0, img][..., None]
+            s_txt = s_txt + bias[:, :, txt]
+        else:
+            s_diag = s_diag + bias[:, img, img].diagonal(dim1=-2, dim2=-1)[..., None]
+            s_txt = s_txt + bias[:, img, txt]
+    m = torch.maximum(s_txt.amax(-1, keepdim=True), s_diag) if s_txt.shape[-1] else s_diag
+    m = m.masked_fill(m == float("-inf"), 0.0)
     e_txt = torch.exp(s_txt - m)
     e_diag = torch.exp(s_diag - m)
-    return (e_txt @ v_txt + e_diag * v_img) / (e_txt.sum(-1, keepdim=True) + e_diag)
+    total = e_txt.sum(-1, keepdim=True) + e_diag
+    return (e_txt @ v_txt + e_diag * v_img) / total.masked_fill(total == 0, 1.0)
 
 
 def torch_perturbed_attention(
@@ -56,8 +73,10 @@ def torch_perturbed_attention(
     n_text: int,
     text_first: bool,
     scale: float,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Validated inputs; ``u`` float32 ``(B, H)`` on q's device, ``codes`` int8 ``(B, H)`` on the CPU.
+    """Validated inputs; ``u`` float32 ``(B, H)`` on q's device, ``codes`` int8 ``(B, H)`` on the CPU, ``bias`` the
+    float32 additive score bias ``(B or 1, H or 1, N or 1, N)`` of the attention mask, or None.
 
     Returns the output in q's layout, contiguous, q's dtype.
     """
@@ -66,8 +85,12 @@ def torch_perturbed_attention(
         q, k, v, out_bhnd = (t.transpose(1, 2) for t in (q, k, v, out))
     else:
         out_bhnd = out
-    N = q.shape[2]
+    B, H, N, _ = q.shape
     device = q.device
+
+    def pair_bias(b, h):
+        return None if bias is None else bias.expand(B, H, -1, -1)[b, h]
+
     attend = codes != IDENTITY
 
     compute = torch.promote_types(q.dtype, torch.float32)
@@ -78,7 +101,8 @@ def torch_perturbed_attention(
 
     if mode == "joint":
         if bool(attend.all()):
-            attention = F.scaled_dot_product_attention(q, k, v, scale=scale)
+            mask = None if bias is None else bias.to(q.dtype)
+            attention = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
             if bool((codes == PLAIN).all()):
                 out_bhnd.copy_(attention)
             else:
@@ -89,7 +113,7 @@ def torch_perturbed_attention(
         out_bhnd[b, h] = v[b, h]
         b, h = _pairs(attend, device)
         if b.numel():
-            attention = _sdpa_pairs(q[b, h], k[b, h], v[b, h], scale)
+            attention = _sdpa_pairs(q[b, h], k[b, h], v[b, h], scale, pair_bias(b, h))
             out_bhnd[b, h] = blend(b, h, attention, v[b, h])
         return out
 
@@ -98,15 +122,16 @@ def torch_perturbed_attention(
     # Pairs that need the full map A on every query row.
     b, h = _pairs(attend, device)
     if b.numel():
-        out_bhnd[b, h] = _sdpa_pairs(q[b, h], k[b, h], v[b, h], scale)
+        out_bhnd[b, h] = _sdpa_pairs(q[b, h], k[b, h], v[b, h], scale, pair_bias(b, h))
     # Identity pairs still need A on their text rows (text rows of P equal A).
     b, h = _pairs(~attend, device)
     if b.numel() and n_text:
-        out_bhnd[b, h, txt] = _sdpa_pairs(q[b, h, txt], k[b, h], v[b, h], scale)
+        out_bhnd[b, h, txt] = _sdpa_pairs(q[b, h, txt], k[b, h], v[b, h], scale, _bias_rows(pair_bias(b, h), txt))
     # Perturbed image rows: identity pairs take P v, soft pairs blend it with A v.
     for code in (IDENTITY, SOFT):
         b, h = _pairs(codes == code, device)
         if b.numel() and N - n_text:
-            perturbed = _perturbed_image_rows(q[b, h, img], k[b, h, img], v[b, h, img], k[b, h, txt], v[b, h, txt], scale)
+            perturbed = _perturbed_image_rows(q[b, h, img], k[b, h, img], v[b, h, img], k[b, h, txt], v[b, h, txt],
+                                              scale, pair_bias(b, h), img, txt)
             out_bhnd[b, h, img] = perturbed.to(q.dtype) if code == IDENTITY else blend(b, h, out_bhnd[b, h, img], perturbed)
     return out

@@ -26,6 +26,7 @@ from .configs import INTERPRETER_CONFIG, configs_for, padded_head_dim
 from .validation import logical_shape
 
 LOG2E = 1.0 / math.log(2.0)
+LOG2E_TL = tl.constexpr(LOG2E)
 
 
 @triton.jit
@@ -56,15 +57,39 @@ def _softmax_step(s, v, state, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _score_bias(bias_base, rows, cols, stride_bias_m, stride_bias_n, row_ok, col_ok, BIAS_KIND: tl.constexpr):
+    """The base-2 mask bias of the (rows, cols) score tile: ``BIAS_KIND`` 1 reads one bias per key (shared by every
+    query row), 2 one per (query, key) pair. Out-of-range lanes read 0 (they are masked elsewhere)."""
+    if BIAS_KIND == 1:
+        bias = tl.load(bias_base + cols.to(tl.int64) * stride_bias_n, mask=col_ok, other=0.0)[None, :]
+    else:
+        bias = tl.load(bias_base + rows.to(tl.int64)[:, None] * stride_bias_m + cols.to(tl.int64)[None, :] * stride_bias_n,
+                       mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    return bias * LOG2E_TL
+
+
+@triton.jit
+def _own_key_bias(bias_base, rows, stride_bias_m, stride_bias_n, N, BIAS_KIND: tl.constexpr):
+    """The base-2 mask bias of each query row's own key (the diagonal of the bias), a (BLOCK_M,) vector."""
+    if BIAS_KIND == 1:
+        step = stride_bias_n
+    else:
+        step = stride_bias_m + stride_bias_n
+    return tl.load(bias_base + rows.to(tl.int64) * step, mask=rows < N, other=0.0) * LOG2E_TL
+
+
+@triton.jit
 def _attend_keys(
     q, k_base, v_base, stride_kn, stride_vn, N, qk_scale, full, pert, visits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, STRIDE_MULTIPLE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     lo, hi, text_lo, text_hi, FULL: tl.constexpr, PERTURBED: tl.constexpr,
+    bias_base, offs_m, stride_bias_m, stride_bias_n, BIAS_KIND: tl.constexpr,
 ):
     """Visits the key blocks ``[lo, hi)`` (``lo`` block-aligned). ``FULL`` updates the softmax state ``full`` (every
     key: the map ``A``), ``PERTURBED`` the state ``pert`` (only the text keys ``[text_lo, text_hi)``: the image rows
-    of ``P``). Returns both states and ``visits`` plus the number of key blocks visited."""
+    of ``P``). With ``BIAS_KIND`` > 0 the mask bias of the query rows ``offs_m`` is added to the scores. Returns
+    both states and ``visits`` plus the number of key blocks visited."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     # Padding lanes of the head dim need a mask only when the head dim is not a power of two.
@@ -77,6 +102,8 @@ def _attend_keys(
                      mask=dim_ok[:, None] & col_ok[None, :], other=0.0)
         v = tl.load(_row_tile(v_base, cols, stride_vn, offs_d, STRIDE_MULTIPLE), mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
+        if BIAS_KIND > 0:
+            s += _score_bias(bias_base, offs_m, cols, stride_bias_m, stride_bias_n, offs_m < N, col_ok, BIAS_KIND)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         if FULL:
             full = _softmax_step(s, v, full, INPUT_PRECISION)
@@ -89,14 +116,15 @@ def _attend_keys(
 
 
 @triton.jit
-def _add_own_key(state, q, k_own, v_own, qk_scale):
+def _add_own_key(state, q, k_own, v_own, qk_scale, own_bias):
     """``state`` with each query row's own key added (the diagonal entry of ``P``): ``k_own`` and ``v_own`` are the
-    (BLOCK_M, BLOCK_D) key and value tiles at the query rows."""
+    (BLOCK_M, BLOCK_D) key and value tiles at the query rows, ``own_bias`` the base-2 mask bias of those entries."""
     m, l, acc = state
-    s_own = tl.sum(q.to(tl.float32) * k_own.to(tl.float32), 1) * qk_scale
+    s_own = tl.sum(q.to(tl.float32) * k_own.to(tl.float32), 1) * qk_scale + own_bias
     m_new = tl.maximum(m, s_own)
-    alpha = tl.exp2(m - m_new)
-    p_own = tl.exp2(s_own - m_new)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # every key of the row masked
+    alpha = tl.exp2(m - m_ref)
+    p_own = tl.exp2(s_own - m_ref)
     return m_new, l * alpha + p_own, acc * alpha[:, None] + p_own[:, None] * v_own.to(tl.float32)
 
 
@@ -125,12 +153,13 @@ def _normalized(state):
 # Image mode then writes (1-u) A v + u P v per row, with P v = A v on text rows.
 @triton.jit
 def _perturbed_attention_fwd(
-    Q, K, V, U, O, VISITS,
+    Q, K, V, U, O, VISITS, BIAS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_ub, stride_uh,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     H, N, text_lo, text_hi, qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -140,6 +169,7 @@ def _perturbed_attention_fwd(
     INPUT_PRECISION: tl.constexpr,
     COUNT_VISITS: tl.constexpr,
     STRIDE_MULTIPLE: tl.constexpr,
+    BIAS_KIND: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -156,6 +186,7 @@ def _perturbed_attention_fwd(
     k_base = _pair_base(K, b, h, stride_kb, stride_kh, STRIDE_MULTIPLE)
     v_base = _pair_base(V, b, h, stride_vb, stride_vh, STRIDE_MULTIPLE)
     q = tl.load(_row_tile(q_base, offs_m, stride_qn, offs_d, STRIDE_MULTIPLE), mask=row_tile_ok, other=0.0)
+    bias_base = BIAS + b.to(tl.int64) * stride_bias_b + h.to(tl.int64) * stride_bias_h
 
     # Softmax states (m, l, acc) (see _softmax_step): full over every key (A), pert over the keys P lets an image
     # query see (text keys, then its own key).
@@ -179,29 +210,37 @@ def _perturbed_attention_fwd(
                 full, pert, visits = _attend_keys(
                     q, k_base, v_base, stride_kn, stride_vn, N, qk_scale, full, pert, visits,
                     HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, INPUT_PRECISION,
-                    lo=text_start, hi=text_end, text_lo=text_lo, text_hi=text_hi, FULL=True, PERTURBED=True)
+                    bias_base=bias_base, offs_m=offs_m, stride_bias_m=stride_bias_m, stride_bias_n=stride_bias_n,
+                    BIAS_KIND=BIAS_KIND, lo=text_start, hi=text_end, text_lo=text_lo, text_hi=text_hi, FULL=True, PERTURBED=True)
             else:
                 full, pert, visits = _attend_keys(
                     q, k_base, v_base, stride_kn, stride_vn, N, qk_scale, full, pert, visits,
                     HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, INPUT_PRECISION,
-                    lo=text_start, hi=text_end, text_lo=text_lo, text_hi=text_hi, FULL=False, PERTURBED=True)
+                    bias_base=bias_base, offs_m=offs_m, stride_bias_m=stride_bias_m, stride_bias_n=stride_bias_n,
+                    BIAS_KIND=BIAS_KIND, lo=text_start, hi=text_end, text_lo=text_lo, text_hi=text_hi, FULL=False, PERTURBED=True)
             k_own = tl.load(_row_tile(k_base, offs_m, stride_kn, offs_d, STRIDE_MULTIPLE), mask=row_tile_ok, other=0.0)
             v_own = tl.load(_row_tile(v_base, offs_m, stride_vn, offs_d, STRIDE_MULTIPLE), mask=row_tile_ok, other=0.0)
-            pert = _add_own_key(pert, q, k_own, v_own, qk_scale)
+            own_bias = tl.zeros([BLOCK_M], tl.float32)
+            if BIAS_KIND > 0:
+                own_bias = _own_key_bias(bias_base, offs_m, stride_bias_m, stride_bias_n, N, BIAS_KIND)
+            pert = _add_own_key(pert, q, k_own, v_own, qk_scale, own_bias)
         else:
             full, pert, visits = _attend_keys(
                 q, k_base, v_base, stride_kn, stride_vn, N, qk_scale, full, pert, visits,
                 HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, INPUT_PRECISION,
-                lo=text_start, hi=text_end, text_lo=text_lo, text_hi=text_hi, FULL=True, PERTURBED=False)
+                bias_base=bias_base, offs_m=offs_m, stride_bias_m=stride_bias_m, stride_bias_n=stride_bias_n,
+                BIAS_KIND=BIAS_KIND, lo=text_start, hi=text_end, text_lo=text_lo, text_hi=text_hi, FULL=True, PERTURBED=False)
         if need_full:
             full, pert, visits = _attend_keys(
                 q, k_base, v_base, stride_kn, stride_vn, N, qk_scale, full, pert, visits,
                 HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, INPUT_PRECISION,
-                lo=0, hi=text_start, text_lo=text_lo, text_hi=text_hi, FULL=True, PERTURBED=False)
+                bias_base=bias_base, offs_m=offs_m, stride_bias_m=stride_bias_m, stride_bias_n=stride_bias_n,
+                BIAS_KIND=BIAS_KIND, lo=0, hi=text_start, text_lo=text_lo, text_hi=text_hi, FULL=True, PERTURBED=False)
             full, pert, visits = _attend_keys(
                 q, k_base, v_base, stride_kn, stride_vn, N, qk_scale, full, pert, visits,
                 HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, INPUT_PRECISION,
-                lo=text_end, hi=N, text_lo=text_lo, text_hi=text_hi, FULL=True, PERTURBED=False)
+                bias_base=bias_base, offs_m=offs_m, stride_bias_m=stride_bias_m, stride_bias_n=stride_bias_n,
+                BIAS_KIND=BIAS_KIND, lo=text_end, hi=N, text_lo=text_lo, text_hi=text_hi, FULL=True, PERTURBED=False)
         attention = _normalized(full)
         perturbed = tl.where(query_is_text[:, None], attention, _normalized(pert))
         out = (1.0 - u) * attention + u * perturbed
@@ -212,7 +251,8 @@ def _perturbed_attention_fwd(
         full, pert, visits = _attend_keys(
             q, k_base, v_base, stride_kn, stride_vn, N, qk_scale, full, pert, visits,
             HEAD_DIM, BLOCK_D, BLOCK_N, STRIDE_MULTIPLE, INPUT_PRECISION,
-            lo=0, hi=hi, text_lo=0, text_hi=0, FULL=True, PERTURBED=False)
+            bias_base=bias_base, offs_m=offs_m, stride_bias_m=stride_bias_m, stride_bias_n=stride_bias_n,
+            BIAS_KIND=BIAS_KIND, lo=0, hi=hi, text_lo=0, text_hi=0, FULL=True, PERTURBED=False)
         attention = _normalized(full)
         # The identity term v at the query rows; not even loaded when u == 0.
         identity_dims = tl.where(u > 0.0, HEAD_DIM, 0)
@@ -231,22 +271,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_autotuned: dict[tuple[int, int, str], object] = {}
+_autotuned: dict[tuple[int, int, str, int], object] = {}
 
 
-def _autotuned_kernel(arch: int, block_d: int, mode: str):
+def _autotuned_kernel(arch: int, block_d: int, mode: str, bias_kind: int):
     """The kernel wrapped in ``triton.autotune`` with this arch's configs, built once per key.
 
     Tuning is keyed on the sequence length, head dim and dtypes (the autotuner adds the latter), so a
     sampling loop with a fixed resolution tunes once.
     """
-    key = (arch, block_d, mode)
+    key = (arch, block_d, mode, bias_kind)
     if key not in _autotuned:
         configs = [
             triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N}, num_warps=c.num_warps, num_stages=c.num_stages)
-            for c in configs_for(arch, block_d, mode)
+            for c in configs_for(arch, block_d, mode, bias_kind)
         ]
-        _autotuned[key] = triton.autotune(configs=configs, key=["N", "HEAD_DIM", "IMAGE_MODE"])(_perturbed_attention_fwd)
+        _autotuned[key] = triton.autotune(configs=configs, key=["N", "HEAD_DIM", "IMAGE_MODE", "BIAS_KIND"])(_perturbed_attention_fwd)
     return _autotuned[key]
 
 
@@ -282,6 +322,21 @@ def input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def bias_kind(bias: torch.Tensor | None) -> int:
+    """``BIAS_KIND`` of a validated 4-D score bias: 0 none, 1 one bias per key (every query row shares it), 2 one
+    per (query, key) pair."""
+    if bias is None:
+        return 0
+    return 1 if bias.shape[2] == 1 else 2
+
+
+def _bias_strides(bias: torch.Tensor | None) -> tuple[int, int, int, int]:
+    """Batch, head, query and key strides of the bias; 0 along its broadcast (size-1) dims."""
+    if bias is None:
+        return (0, 0, 0, 0)
+    return tuple(0 if size == 1 else stride for size, stride in zip(bias.shape, bias.stride()))
+
+
 def text_span(N: int, n_text: int, text_first: bool) -> tuple[int, int]:
     """Token index range ``[lo, hi)`` of the text tokens."""
     return (0, n_text) if text_first else (N - n_text, N)
@@ -298,9 +353,11 @@ def triton_perturbed_attention(
     n_text: int,
     text_first: bool,
     scale: float,
+    bias: torch.Tensor | None = None,
     count_visits: bool = False,
 ):
-    """Launches the fused kernel on validated inputs; ``u`` is a float32 ``(B, H)`` tensor on q's device.
+    """Launches the fused kernel on validated inputs; ``u`` is a float32 ``(B, H)`` tensor on q's device, ``bias``
+    the float32 additive score bias ``(B or 1, H or 1, N or 1, N)`` of the attention mask, or None.
 
     Returns the output in q's layout (contiguous) and, with ``count_visits``, an int32 ``(B, H, M_blocks)``
     tensor of key blocks visited per query block.
@@ -321,10 +378,12 @@ def triton_perturbed_attention(
 
     strides = (*_strides_bhn(q, layout), *_strides_bhn(k, layout), *_strides_bhn(v, layout), *_strides_bhn(out, layout))
     common = dict(HEAD_DIM=D, BLOCK_D=block_d, IMAGE_MODE=image_mode, INPUT_PRECISION=input_precision(q.dtype),
-                  STRIDE_MULTIPLE=stride_multiple(strides))
+                  STRIDE_MULTIPLE=stride_multiple(strides), BIAS_KIND=bias_kind(bias))
+    bias_arg = u if bias is None else bias  # any float32 pointer when there is no bias: never read
     args = (
         *strides,
         u.stride(0), u.stride(1),
+        *_bias_strides(bias),
         H, N, text_lo, text_hi, scale * LOG2E,
     )
     if interpreting():
@@ -332,7 +391,7 @@ def triton_perturbed_attention(
         n_blocks = triton.cdiv(N, cfg.BLOCK_M)
         visits = torch.zeros((B, H, n_blocks), dtype=torch.int32, device=q.device) if count_visits else out
         _perturbed_attention_fwd[(n_blocks, B * H)](
-            q, k, v, u, out, visits, *args,
+            q, k, v, u, out, visits, bias_arg, *args,
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, COUNT_VISITS=count_visits, **common,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -341,7 +400,7 @@ def triton_perturbed_attention(
         raise ValueError("count_visits is a debug mode of the interpreter (TRITON_INTERPRET=1) only")
     major, minor = torch.cuda.get_device_capability(q.device)
     arch = major * 10 + minor
-    kernel = _autotuned_kernel(arch, block_d, mode)
+    kernel = _autotuned_kernel(arch, block_d, mode, common["BIAS_KIND"])
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
-    kernel[grid](q, k, v, u, out, out, *args, COUNT_VISITS=False, **common)
+    kernel[grid](q, k, v, u, out, out, bias_arg, *args, COUNT_VISITS=False, **common)
     return out

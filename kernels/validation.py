@@ -244,3 +244,37 @@ def resolve_codes(u_t: torch.Tensor, plan: PlanType | None, u_host: torch.Tensor
                 f"{float(readable[b, h])} implies {implied[i]} (0: u == 0, 1: 0 < u < 1, 2: u == 1)"
             )
     return codes
+
+
+def prepare_mask(attn_mask, shape: AttentionShape, q: torch.Tensor) -> torch.Tensor | None:
+    """Checks ``attn_mask`` and returns it as a float32 additive score bias on q's device, 4-D ``(B or 1, H or 1,
+    N or 1, N)`` (query x key, as in ``F.scaled_dot_product_attention`` in either layout), broadcast dims kept at
+    size 1; ``None`` passes through.
+
+    ``attn_mask`` follows ``F.scaled_dot_product_attention``: a bool tensor (True: the query may attend to the key)
+    or a floating tensor added to the scaled scores, broadcastable to ``(B, H, N, N)``; a 2-D mask is ``(B, N)``
+    over the keys (diffusers' convention). Values are not read (no device synchronisation).
+    """
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+        raise TypeError(f"attn_mask must be a bool tensor (True: attend) or a floating tensor added to the scores, "
+                        f"got dtype {attn_mask.dtype}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+    B, H, N, _ = shape
+    mask = attn_mask
+    if mask.dim() == 2 and mask.shape[0] in (1, B) and mask.shape[1] == N:
+        mask = mask[:, None, None, :]
+    if mask.dim() > 4 or mask.dim() < 1:
+        raise ValueError(f"attn_mask must broadcast to (B, H, N, N) = ({B}, {H}, {N}, {N}), got shape {tuple(attn_mask.shape)}")
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    if any(have not in (1, want) for have, want in zip(mask.shape, (B, H, N, N))) or mask.shape[3] != N:
+        raise ValueError(f"attn_mask must broadcast to (B, H, N, N) = ({B}, {H}, {N}, {N}) with one entry per key, "
+                         f"got shape {tuple(attn_mask.shape)}")
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        return bias.masked_fill_(~mask, float("-inf"))
+    return mask.to(torch.float32)
