@@ -12,9 +12,10 @@ per-block modulations come from one ``distilled_guidance_layer`` approximator).
   ``(B, n_text + n_image)``), ``joint_attention_kwargs``, the ControlNet residual lists; inside the blocks ``temb``
   (each row's modulations) and ``attention_mask``. ``txt_ids`` / ``img_ids`` (the RoPE table) are shared.
 - Attention mask: every Chroma pipeline passes one on every denoiser call (``prompt_attention_mask`` is required
-  with prompt embeddings and ``encode_prompt`` always makes it); each block turns it into a ``(B, 1, N, N)`` mask
-  for the attention, which headpag refuses on a selected layer. So guiding a Chroma pipeline needs masked
-  attention in headpag's kernels (or dropping a mask that is all valid); see the family tests.
+  with prompt embeddings and ``encode_prompt`` always makes it); each block turns it into a ``(B, 1, N, N)`` query x
+  key mask for the attention. diffusers 0.42 builds it as float 0 / 1, which SDPA adds to the scores (a +1 on
+  valid pairs, not a -inf on padded ones); the perturbed attention takes the mask exactly as SDPA does, whatever
+  its dtype, so the guided step follows the pipeline's own semantics.
 - Pipelines: ``ChromaPipeline``, ``ChromaImg2ImgPipeline``, ``ChromaInpaintPipeline``: CFG (``guidance_scale > 1``)
   is a cond call then an uncond call per step on the same latents, not named by ``cache_context``.
 - Real checkpoints (``lodestones/Chroma1-HD``, the model's config defaults): 19 + 38 = 57 layers x 24 heads of 128.

@@ -9,7 +9,7 @@
 - ``attention_mask`` (text padding mask, per row) reaches every layer only when a caller passes it to the
   transformer: ``CogView4Pipeline`` and ``CogView4ControlPipeline`` never do (their prompts are left-padded with
   pad tokens to a multiple of 16 and attended unmasked), so in normal use the layers see no mask; a direct call
-  with a mask is refused on a selected layer. ``image_rotary_emb`` (the RoPE table) is shared, not per row.
+  with one gets it in the perturbed attention as in SDPA. ``image_rotary_emb`` (the RoPE table) is shared, not per row.
 - Real checkpoints: CogView4-6B 28 layers x 32 heads of 128 (the transformer config of diffusers'
   scripts/convert_cogview4_to_diffusers.py; the class defaults, 30 x 64 x 40, are no released checkpoint).
 - Pipelines: ``CogView4Pipeline`` runs the cond rows under ``cache_context("cond")`` and, with CFG

@@ -12,10 +12,11 @@
   tokens of ``encoder_hidden_states``; padding dropped) then the image tokens: ``n_text`` is the mask's row sum.
   ``mode="image"`` keeps the identity on the image-image block.
 - Masks: the pipeline always passes ``encoder_attention_mask``. The main layers get a key mask only when the rows of
-  one call have different effective caption lengths (``use_mask = len(set(seq_lengths)) > 1``); otherwise they get
-  None. So the cond call is guided unmasked when all its prompts have the same token count (one prompt x any number
-  of images; prompt embeddings given with equal masks), and a selected layer refuses the call when prompts of
-  different lengths share a batch. The CFG uncond call is not forked, so its negative prompt's length never matters.
+  one call have different effective caption lengths (``use_mask = len(set(seq_lengths)) > 1``): row ``i`` is then
+  ``[caption_i, image, padding]``, the padding masked, and the perturbed attention takes the mask like SDPA. Its
+  image tokens then start at a different position in each row, so ``mode="image"`` (one text span per call) is
+  refused for such a call; ``mode="joint"`` is exact. The CFG uncond call is not forked, so its negative prompt's
+  length never matters.
 - Timesteps: ``Lumina2Pipeline`` passes ``1 - t / 1000`` (t = 0 is noise).
 - Real checkpoints: Lumina-Image-2.0 26 layers x 24 heads of 96 (8 K/V heads), plus 2 + 2 refiner blocks
   (diffusers' class defaults, which are Alpha-VLLM/Lumina-Image-2.0's transformer config).
@@ -43,10 +44,10 @@ def _layers(model):
         yield f"layers.{i}.attn", f"layers.{i}"
 
 
-def _text_length(arguments) -> int:
-    """Effective caption length of the call's first row (rows of different lengths bring a mask, refused on a
-    selected layer)."""
-    return int(arguments["encoder_attention_mask"][0].sum())
+def _text_length(arguments) -> int | None:
+    """Effective caption length of the call's rows; None when they differ (each row's image tokens start elsewhere)."""
+    lengths = {int(n) for n in arguments["encoder_attention_mask"].sum(dim=1)}
+    return lengths.pop() if len(lengths) == 1 else None
 
 
 LUMINA2 = register_architecture(Architecture(

@@ -10,8 +10,9 @@
 - ``encoder_hidden_states_mask`` (per row) becomes a joint ``[text mask, ones]`` key mask at every layer whenever
   it is not None. The pipelines' ``encode_prompt`` replaces an all-ones mask by None, so the cond call carries a
   mask only when its prompts were padded (prompts of different token lengths in one batch, or given
-  ``prompt_embeds_mask`` with zeros); a selected layer then refuses it (masked attention is not supported). The
-  true-CFG uncond call is not forked (it gets the cond call's delta), so a padded negative prompt is fine.
+  ``prompt_embeds_mask`` with zeros); the perturbed attention takes it like SDPA (padded text keys are left out of
+  ``A`` and of the image-mode ``P``; the text span stays the padded length). The true-CFG uncond call is not forked
+  (it gets the cond call's delta).
 - ``img_shapes`` is a per-prompt Python list but only its first entry is read (RoPE: one shape for the batch), so
   it stays as given. ``zero_cond_t`` models (Qwen-Image-Edit-2511: a second, zero-timestep modulation of the
   reference tokens, ``temb`` of ``2 * B`` rows and a ``modulate_index`` with one row per ``img_shapes`` entry) are

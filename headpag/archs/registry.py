@@ -54,6 +54,9 @@ class Architecture:
             interval is read from its position in ``scheduler.timesteps``); None when the pipeline passes it as is.
         side_pass_arg: an argument that, when given, marks a call as a side pass rather than an uncond / cond call
             (SD3's ``skip_layers`` for skip-layer guidance); such calls are shifted by the step's delta, not forked.
+        grouped_row_args: names in ``row_args`` that may hold ``k`` consecutive entries per row (a leading dim of
+            ``k * B``, ``k > 1``), taken ``k`` at a time (Wan 2.1 FLF2V's first- and last-frame CLIP image tokens,
+            ``2 B`` rows that the model folds to ``B``).
         rows_per_sample: for a denoiser that folds several rows per sample into its batch (AnimateDiff's
             ``UNetMotionModel``: a ``(B, C, F, H, W)`` sample becomes ``B * F`` frame rows, each sample's frames
             consecutive), maps the call's bound arguments to that count ``F``; None: one row per sample. Per-row
@@ -70,8 +73,9 @@ class Architecture:
             (Z-Image's ``x`` and ``cap_feats``): widened by appending the cond rows' entries. When ``sample_arg`` is
             one, the denoiser's output sample is a list of per-row tensors too.
         text_length: ``bound arguments -> n_text`` for a ``text_arg`` that is not a ``(B, n_text, C)`` tensor (the
-            number of text tokens in the joint sequence, e.g. Z-Image's padded caption length); None reads
-            ``text_arg``'s dim 1.
+            number of text tokens in the joint sequence, e.g. Z-Image's padded caption length; it may return None
+            when the rows of the call hold their text at different positions, which ``mode="image"`` then refuses);
+            None reads ``text_arg``'s dim 1.
     """
 
     denoiser: type
@@ -88,7 +92,8 @@ class Architecture:
     scheduler_timestep: Callable[[Any], Any] | None = None
     side_pass_arg: str | None = None
     row_lists: tuple[str, ...] = ()
-    text_length: Callable[[Mapping[str, Any]], int] | None = None
+    grouped_row_args: tuple[str, ...] = ()
+    text_length: Callable[[Mapping[str, Any]], int | None] | None = None
     rows_per_sample: Callable[[Mapping[str, Any]], int] | None = None
     perturbed_attention: Callable[..., Any] | None = None
 
@@ -114,6 +119,9 @@ class Architecture:
             raise TypeError(f"Architecture.scheduler_timestep must be a callable or None, got {self.scheduler_timestep!r}")
         if not isinstance(self.row_lists, tuple) or not set(self.row_lists) <= set(self.row_args):
             raise TypeError(f"Architecture.row_lists must be a tuple of names in row_args, got {self.row_lists!r}")
+        if not isinstance(self.grouped_row_args, tuple) or not set(self.grouped_row_args) <= set(self.row_args):
+            raise TypeError(f"Architecture.grouped_row_args must be a tuple of names in row_args, got "
+                            f"{self.grouped_row_args!r}")
         for field_name in ("text_length", "rows_per_sample", "perturbed_attention"):
             value = getattr(self, field_name)
             if value is not None and not callable(value):

@@ -13,8 +13,10 @@
   ``freqs_cis``, masks and the timestep embedding ``adaln_input``.
 - Timesteps: the pipelines pass ``(1000 - t) / 1000``.
 - Masks: the model masks the batch padding of the unified sequence when the rows' padded caption lengths differ
-  (e.g. a long prompt with the short empty negative prompt under CFG); masked attention is not supported, so such
-  calls are refused with a message (equal padded lengths, ``ceil(L / 32) * 32``, give no mask).
+  (e.g. a long prompt with the short empty negative prompt under CFG): row ``i`` is ``[image, caption_i, padding]``
+  with a key mask over the padding, which the perturbed attention takes like SDPA. The image tokens come first on
+  every row, so ``mode="image"`` reads the text span as everything after them: the longest padded caption, whose
+  padding on shorter rows is masked.
 - Not supported: omni mode (``ZImageOmniPipeline``: nested lists, SigLIP tokens, per-token modulation); CFG
   renormalisation (``cfg_normalization``; it rescales against the positive prediction, which the fold has moved).
 - Real checkpoints: Z-Image and Z-Image-Turbo 30 layers x 30 heads of 128 (dim 3840; their transformer/config.json,
@@ -51,8 +53,9 @@ def _padded(n: int) -> int:
 
 
 def _caption_length(arguments: Mapping[str, Any]) -> int:
-    """Caption tokens of the unified sequence: the padded caption length (equal on every row, see the pattern)."""
-    return _padded(len(arguments["cap_feats"][0]))
+    """Tokens after the image tokens in the unified sequence: the longest padded caption of the call (shorter rows'
+    batch padding is masked)."""
+    return max(_padded(len(c)) for c in arguments["cap_feats"])
 
 
 ZIMAGE = register_architecture(Architecture(
@@ -74,16 +77,9 @@ class PositiveNegativeLists(CallPattern):
 
     def layout(self, pipe, denoiser: nn.Module, arguments: Mapping[str, Any], batch: int,
                context: str | None) -> RowLayout | None:
-        x, captions = arguments["x"], arguments["cap_feats"]
+        x = arguments["x"]
         if not isinstance(x, list) or any(isinstance(item, list) for item in x):
             raise ValueError("Z-Image's omni mode (nested lists of images, SigLIP tokens) is not supported by headpag")
-        lengths = sorted({_padded(len(c)) for c in captions})
-        if len(lengths) > 1:
-            raise ValueError(
-                f"{type(pipe).__name__}: the prompts of this call pad to different lengths {lengths} (multiples of "
-                f"{SEQ_MULTI_OF} tokens), so Z-Image masks the padding in every attention layer; headpag perturbs "
-                f"unmasked attention only: give every prompt (and negative prompt) the same padded length"
-            )
         if not caller_local(pipe, "apply_cfg"):
             return RowLayout(batch, range(batch), None)
         normalization = getattr(pipe, "_cfg_normalization", False)

@@ -69,19 +69,21 @@ class LayerRoute:
 
     def attend(self, q, k, v, *, layout: str, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                enable_gqa=False, parallel_config=None) -> torch.Tensor:
-        """The layer's perturbed attention of ``q, k, v`` in ``layout`` ("bhnd" or "bnhd")."""
-        if attn_mask is not None:
-            raise ValueError(
-                f"an attention mask reached the selected layer {self.layer}: headpag's perturbed attention is "
-                f"unmasked only (masks such as text padding are not supported yet); call the pipeline so that no "
-                f"mask is passed (unpadded prompts) or choose heads in layers that get none"
-            )
+        """The layer's perturbed attention of ``q, k, v`` in ``layout`` ("bhnd" or "bnhd") under the call's
+        ``attn_mask`` (SDPA's convention: text padding, Chroma's query x key mask), whose batch dim, when not 1,
+        must be the guided call's rows (a family widens the inputs the mask is built from)."""
         if dropout_p or is_causal or enable_gqa:
             raise ValueError(f"selected layer {self.layer} runs attention with dropout, a causal mask or grouped "
                              f"query heads: unsupported")
         if parallel_config is not None:
             raise ValueError(f"selected layer {self.layer} runs context-parallel attention: headpag does not "
                              f"support context parallelism; disable it or choose no heads there")
+        if attn_mask is not None and attn_mask.dim() in (2, 4) and attn_mask.shape[0] not in (1, q.shape[0]):
+            raise RuntimeError(
+                f"layer {self.layer}: the attention mask has {attn_mask.shape[0]} rows for an attention batch of "
+                f"{q.shape[0]}: the input it was built from was not widened with the twins (register it in the "
+                f"family's row_args)"
+            )
         if q.shape[0] != self.c.u.shape[0]:
             raise RuntimeError(
                 f"layer {self.layer}: attention batch {q.shape[0]} does not match the {self.c.u.shape[0]} rows headpag "
@@ -91,7 +93,7 @@ class LayerRoute:
         self.busy = True
         try:
             return self.attention(q, k, v, self.c.u, layout=layout, mode=self.c.mode, n_text=self.c.n_text,
-                                  text_first=self.c.text_first, scale=scale, plan=self.c.codes)
+                                  text_first=self.c.text_first, scale=scale, plan=self.c.codes, attn_mask=attn_mask)
         finally:
             self.busy = False
 

@@ -39,6 +39,14 @@ def map_rows(value: Any, n: int, fn: Callable[[torch.Tensor], torch.Tensor], fra
     return value
 
 
+def group_size(value: Any, n: int) -> int:
+    """``k`` for a tensor of ``k * n`` rows, ``k > 1`` (``Architecture.grouped_row_args``: ``k`` consecutive entries
+    per row), else 1."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] > n and value.shape[0] % n == 0:
+        return value.shape[0] // n
+    return 1
+
+
 def widen(value: Any, layout: RowLayout, frames: int = 1) -> Any:
     """Appends a copy of the cond rows (the twins) to every per-row tensor of ``n_base`` rows."""
     return map_rows(value, layout.n_base, lambda t: torch.cat([t, t[layout.cond.start:layout.cond.stop]]), frames)
@@ -73,13 +81,16 @@ def bind(forward, args: tuple, kwargs: dict) -> inspect.BoundArguments:
 
 
 def map_arguments(bound: inspect.BoundArguments, names: tuple[str, ...], fn: Callable[[Any], Any],
-                  lists: tuple[str, ...] = (), list_fn: Callable[[list], list] | None = None) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` of the bound call with ``fn`` applied to the arguments called ``names`` (when given), and
-    ``list_fn`` instead to those of them named in ``lists`` (per-row lists)."""
+                  lists: tuple[str, ...] = (), list_fn: Callable[[list], list] | None = None,
+                  grouped: tuple[str, ...] = (), group_fn: Callable[[Any], Any] | None = None) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of the bound call with ``fn`` applied to the arguments called ``names`` (when given),
+    ``list_fn`` instead to those of them named in ``lists`` (per-row lists) and ``group_fn`` to those in ``grouped``
+    (several consecutive entries per row)."""
     arguments = dict(bound.arguments)
     for name in names:
         if arguments.get(name) is not None:
-            arguments[name] = (list_fn if name in lists else fn)(arguments[name])
+            mapper = list_fn if name in lists else group_fn if name in grouped else fn
+            arguments[name] = mapper(arguments[name])
     mapped = inspect.BoundArguments(bound.signature, arguments)
     return mapped.args, mapped.kwargs
 

@@ -36,7 +36,7 @@ from .call_state import CallShape, CallState
 from .fold import fold, guided_channels, in_interval, perturbation_delta, step_position
 from .hooks import ATTENTION_HOOK, DENOISER_HOOK, UNIT_HOOK, Attached, AttentionHook, DenoiserHook, UnitHook
 from .routing import DISPATCH_ROUTING, check_default_processor
-from .rows import bind, first_tensor, map_arguments, replace_sample, take_list, take_rows, widen, widen_list
+from .rows import bind, first_tensor, group_size, map_arguments, replace_sample, take_list, take_rows, widen, widen_list
 from .settings import Settings
 
 @dataclass(frozen=True)
@@ -178,6 +178,14 @@ class GuidedSession:
         text = arguments.get(self.arch.text_arg) if self.arch.text_arg else None
         if self.arch.text_length is not None:
             n_text = self.arch.text_length(arguments)
+            if n_text is None:  # the rows place their text tokens differently
+                if self.settings.mode == "image":
+                    raise ValueError(
+                        f"{type(self.denoiser).__name__}: the rows of this call hold their text tokens at different "
+                        f"positions (prompts of different lengths), and mode='image' needs one text span per call; "
+                        f"use mode='joint', or prompts of equal token length in one call"
+                    )
+                n_text = 0
         else:
             n_text = text.shape[1] if isinstance(text, torch.Tensor) and text.dim() == 3 else 0
         device = str(sample.device)
@@ -185,12 +193,16 @@ class GuidedSession:
         if self.fused:
             call = self.call_state(CallShape(layout, layout.twins, layout.n_rows, n_text, device, frames))
             args, kwargs = map_arguments(bound, self.arch.row_args, lambda v: widen(v, layout, frames),
-                                         self.arch.row_lists, lambda v: widen_list(v, layout))
+                                         self.arch.row_lists, lambda v: widen_list(v, layout),
+                                         self.arch.grouped_row_args,
+                                         lambda v: widen(v, layout, group_size(v, layout.n_base)))
             return CallDecision("fused", layout, call, args, kwargs)
         call = self.call_state(CallShape(layout, range(len(layout.cond)), len(layout.cond), n_text, device, frames))
         args, kwargs = map_arguments(bound, self.arch.row_args,
                                      lambda v: take_rows(v, layout.n_base, layout.cond, frames),
-                                     self.arch.row_lists, lambda v: take_list(v, layout.cond))
+                                     self.arch.row_lists, lambda v: take_list(v, layout.cond),
+                                     self.arch.grouped_row_args,
+                                     lambda v: take_rows(v, layout.n_base, layout.cond, group_size(v, layout.n_base)))
         return CallDecision("eager", layout, call, args, kwargs)
 
     @torch.compiler.disable

@@ -1,11 +1,10 @@
 """Chroma (ChromaTransformer2DModel; ChromaPipeline, ChromaImg2ImgPipeline, ChromaInpaintPipeline).
 
-Chroma's pipelines pass a text padding mask on every denoiser call, and headpag refuses a mask on a selected layer:
-the refusal is tested as it is. With an all-valid mask (as diffusers 0.42 builds it: float ones, added to the
-scores by SDPA, a constant shift) the output equals the mask-free one, so the guided step is tested on the pipelines
-with the mask taken off the denoiser's calls (``drop_attention_mask``); a padded mask changes the output, which
-such a drop would not be allowed to do. Oracles: the eager implementation and the unpatched pipeline; CFG's uncond
-call (not named by a cache_context) must only get the cond call's delta: for one flow-matching Euler step,
+Chroma's pipelines pass a text padding mask on every denoiser call (diffusers 0.42 builds it as float 0 / 1, which
+SDPA adds to the scores); the perturbed attention takes it as SDPA does. Prompts here are padded, and differently
+per prompt (``PADDED``). Oracles: the identity (joint) and a text-first SDPA under the call's mask (image) as
+independent perturbed passes, the eager implementation and the unpatched pipeline; CFG's
+uncond call (not named by a cache_context) must only get the cond call's delta: for one flow-matching Euler step,
 guided - plain does not depend on the CFG scale."""
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import headpag
 from support import models as M
 from support import models_flux_family as F
 from support.checks import check_fused_eager_restore, effect, guided, recorded_rows
+from support.reference import check_matches_reference, module_pass, sdpa_perturbed_copy
 from support.tolerances import MIN_EFFECT, close
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
@@ -29,6 +29,7 @@ PIPELINES = {
     "inpaint": (F.chroma_inpaint, F.chroma_inpaint_inputs),
 }
 HEADS = "0:1,2:0@0.5"  # layer 0 is the double block, 1 and 2 the single blocks
+PADDED = (4, 2)  # valid tokens of each prompt's TEXT_LEN: padding masked differently per row
 _PIPES: dict = {}
 
 
@@ -41,6 +42,8 @@ def pipe_of(name: str):
 def inputs_of(name: str, *, cfg: bool = True, **kw) -> dict:
     if name in ("img2img", "inpaint") and kw.get("steps") == 1:
         kw.setdefault("strength", 1.0)
+    if kw.get("prompts", 2) == 2:
+        kw.setdefault("valid", PADDED)
     return PIPELINES[name][1](cfg=4.0 if cfg else 1.0, **kw)
 
 
@@ -68,65 +71,57 @@ def test_real_checkpoint_layers():
 
 @pytest.mark.parametrize("name", list(PIPELINES))
 def test_mask_on_every_call(name):
-    """Every denoiser call (cond and uncond) gets the text padding mask over text + image tokens; all ones when
-    every text token is valid, and then the output equals the mask-free one."""
+    """Every denoiser call (cond and uncond) gets the text padding mask over text + image tokens, and the padding
+    matters: the output with padded prompts differs from the one with every token valid."""
     pipe = pipe_of(name)
     masks = []
     handle = pipe.transformer.register_forward_pre_hook(
         lambda m, args, kw: masks.append(kw["attention_mask"]), with_kwargs=True)
     try:
-        full = M.run(pipe, inputs_of(name))
+        padded = M.run(pipe, inputs_of(name))
     finally:
         handle.remove()
     assert len(masks) == 6  # 3 steps x (cond, uncond)
     n_tokens = F.TEXT_LEN + (F.SIZE // 4) ** 2
-    assert all(m is not None and m.shape == (2, n_tokens) and bool((m == 1).all()) for m in masks)
-    with F.drop_attention_mask(pipe):
-        close(M.run(pipe, inputs_of(name)), full, "fp32")
-    # a padded mask matters: dropping it would change the pipeline
-    assert effect(M.run(pipe, inputs_of(name, valid=3)), full) > MIN_EFFECT
+    assert all(m is not None and m.shape == (2, n_tokens) for m in masks)
+    assert [int(n) for n in masks[0][:, :F.TEXT_LEN].sum(dim=1)] == list(PADDED)
+    assert effect(M.run(pipe, inputs_of(name, valid=F.TEXT_LEN)), padded) > MIN_EFFECT
 
 
-@pytest.mark.parametrize("execution, heads, layer", [
-    ("fused", "0:0", "transformer_blocks.0.attn"),
-    ("fused", "2:0", "single_transformer_blocks.1.attn"),
-    ("eager", "2:0", "single_transformer_blocks.1.attn"),
-])
-def test_mask_refused(execution, heads, layer):
-    """headpag refuses the mask on a selected layer (ValueError), and disabling restores the pipeline. With the
-    fork at layer 2 the blocks before it run on the base rows with the mask narrowed to them (attention_mask is a
-    per-row argument of both block classes), so the refusal comes from the selected layer, not a shape error."""
+@pytest.mark.parametrize("mode", ["joint", "image"])
+@pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "no-cfg"])
+@pytest.mark.parametrize("heads, block", [("0:*", "transformer_blocks.0"), ("2:*", "single_transformer_blocks.1")])
+def test_padded_prompts_match_an_independent_perturbed_pass(heads, block, cfg, mode):
+    """Every head of one layer with u=1 under padded prompts equals the reference fold of the identity (joint: the
+    values, as diffusers' PAG processors return them; diffusers' apply_layer_skip cannot hook FluxAttention) or of a
+    text-first SDPA under the call's own mask (image) on that block: the mask reaches the perturbed attention as
+    SDPA takes it (the twins carry their rows' masks), the uncond call gets the cond call's delta."""
     pipe = pipe_of("text2img")
-    inputs = inputs_of("text2img")
-    plain = M.run(pipe, inputs)
-    with pytest.raises(ValueError, match=f"attention mask reached the selected layer {layer}: headpag.s perturbed attention is unmasked only"):
-        guided(pipe, execution, heads, inputs)
-    assert not headpag.is_enabled(pipe)
-    assert torch.equal(M.run(pipe, inputs), plain)
+    perturbed = sdpa_perturbed_copy(pipe, f"{block}.attn", mode, n_text=F.TEXT_LEN, text="first")
+    check_matches_reference(pipe, inputs_of("text2img", cfg=cfg), heads, module_pass(perturbed),
+                            scale=2.0, cfg=cfg, calls="separate", mode=mode, kind="fp32")
 
 
 @pytest.mark.parametrize("mode", ["joint", "image"])
 @pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "no-cfg"])
 @pytest.mark.parametrize("name", list(PIPELINES))
 def test_fused_eager_restore(name, cfg, mode):
-    with F.drop_attention_mask(pipe_of(name)) as pipe:
-        check_fused_eager_restore(pipe, inputs_of(name, cfg=cfg), HEADS, mode=mode)
+    check_fused_eager_restore(pipe_of(name), inputs_of(name, cfg=cfg), HEADS, mode=mode)
 
 
 @pytest.mark.parametrize("name", list(PIPELINES))
 def test_two_prompts_two_images(name):
-    with F.drop_attention_mask(pipe_of(name)) as pipe:
-        check_fused_eager_restore(pipe, inputs_of(name, prompts=2, images_per_prompt=2), "1:*,2:1", mode="image")
+    check_fused_eager_restore(pipe_of(name), inputs_of(name, prompts=2, images_per_prompt=2), "1:*,2:1", mode="image")
 
 
 @pytest.mark.parametrize("name", list(PIPELINES))
 def test_uncond_call_gets_the_cond_delta(name):
     """One step: guided - plain is the same with CFG on (4.0) and off."""
     shifts = {}
-    with F.drop_attention_mask(pipe_of(name)) as pipe:
-        for cfg in (True, False):
-            inputs = inputs_of(name, cfg=cfg, steps=1)
-            shifts[cfg] = guided(pipe, "fused", HEADS, inputs) - M.run(pipe, inputs)
+    pipe = pipe_of(name)
+    for cfg in (True, False):
+        inputs = inputs_of(name, cfg=cfg, steps=1)
+        shifts[cfg] = guided(pipe, "fused", HEADS, inputs) - M.run(pipe, inputs)
     assert effect(shifts[False], torch.zeros_like(shifts[False])) > MIN_EFFECT
     close(shifts[True], shifts[False], "families")
 
@@ -138,7 +133,7 @@ def test_counts_calls():
     # the rows each block computes: its norms run inside headpag's unit hook
     units = {"double": pipe.transformer.transformer_blocks[0].norm1,
              "single": pipe.transformer.single_transformer_blocks[1].norm}
-    with F.drop_attention_mask(pipe), recorded_rows(units) as log:
+    with recorded_rows(units) as log:
         with headpag.fused(pipe, "1:0"):
             M.run(pipe, inputs_of("text2img", prompts=1, steps=2))
             M.run(pipe, inputs_of("text2img", cfg=False, prompts=1, steps=2))
@@ -165,7 +160,7 @@ def test_text_tokens_first(mode):
     handle, text = F.text_values(block.attn)
     handles.append(handle)
     try:
-        with F.drop_attention_mask(pipe), F.routed_calls() as calls, headpag.fused(pipe, "0:0,1:1", mode=mode):
+        with F.routed_calls() as calls, headpag.fused(pipe, "0:0,1:1", mode=mode):
             M.run(pipe, inputs_of("text2img", prompts=1, steps=1))
     finally:
         for h in handles:

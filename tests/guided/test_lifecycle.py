@@ -205,28 +205,33 @@ def test_diffusers_pag_processor_left_on_sd3_raises():
     assert not headpag.is_enabled(pipe)
 
 
-@pytest.mark.parametrize("execution", list(ENABLE))
-def test_attention_mask_on_a_selected_layer_raises(execution):
+def test_attention_mask_on_a_selected_layer_is_applied():
+    """A processor's attention mask (SD1.5's AttnProcessor2_0 turns it into an additive SDPA bias) reaches the
+    perturbed attention of a selected layer: an all-zero bias changes nothing, a bias that hides half the keys
+    changes the output, fused and eager alike."""
     pipe, inputs = M.make("sd15")
     attn = pipe.unet.get_submodule(headpag.list_layers(pipe)[0].name)
 
-    def add_mask(module, args, kwargs):
-        hs = args[0] if args else kwargs["hidden_states"]
-        return args, {**kwargs, "attention_mask": torch.zeros(hs.shape[0], 1, hs.shape[1])}
+    def masking(hide: bool):
+        def add_mask(module, args, kwargs):
+            hs = args[0] if args else kwargs["hidden_states"]
+            mask = torch.zeros(hs.shape[0], 1, hs.shape[1])
+            if hide:
+                mask[..., ::2] = -10000.0  # diffusers' additive convention for masked keys
+            return args, {**kwargs, "attention_mask": mask}
+        return attn.register_forward_pre_hook(add_mask, with_kwargs=True)
 
-    with patched(pipe, execution, "0:1", scale=3.0):
-        expected = M.run(pipe, inputs)
-        handle = attn.register_forward_pre_hook(add_mask, with_kwargs=True)
-        try:
-            with pytest.raises(ValueError, match="attention mask"):
-                M.run(pipe, inputs)
-        finally:
-            handle.remove()
-        assert torch.equal(M.run(pipe, inputs), expected), "the failed call left state behind"
-    # an unselected layer may take a mask
-    with patched(pipe, execution, "2:1", scale=3.0):
-        handle = attn.register_forward_pre_hook(add_mask, with_kwargs=True)
-        try:
-            M.run(pipe, inputs)
-        finally:
-            handle.remove()
+    outputs = {}
+    for execution in ENABLE:
+        with patched(pipe, execution, "0:1", scale=3.0):
+            expected = M.run(pipe, inputs)
+            for hide in (False, True):
+                handle = masking(hide)
+                try:
+                    outputs[execution, hide] = M.run(pipe, inputs)
+                finally:
+                    handle.remove()
+            assert torch.equal(M.run(pipe, inputs), expected), "the masked calls left state behind"
+        close(outputs[execution, False], expected, "fp32")
+        assert effect(outputs[execution, True], expected) > MIN_EFFECT
+    close(outputs["fused", True], outputs["eager", True], "fp32")

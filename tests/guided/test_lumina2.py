@@ -105,12 +105,22 @@ def test_interval_reads_the_scheduler_timestep(pipe):
 # --- masks ---------------------------------------------------------------------------------------------------------
 
 
-def test_captions_of_different_lengths_are_refused(pipe):
-    """Prompts of different effective lengths in one call bring a key mask to every main layer: a selected layer
-    refuses it."""
+@pytest.mark.parametrize("guidance_scale", [4.0, 1.0], ids=["cfg", "no-cfg"])
+def test_captions_of_different_lengths_match_an_independent_perturbed_pass(pipe, guidance_scale):
+    """Prompts of different effective lengths in one call bring a key mask to every main layer (row i is
+    [caption_i, image, padding]): joint mode equals the reference fold of the identity attention (the values) on
+    layer 1, fused and eager."""
+    perturbed = sdpa_perturbed_copy(pipe, "layers.1.attn", "joint", n_text=0)
+    check_matches_reference(pipe, L.inputs(lengths=[4, 3], guidance_scale=guidance_scale), "1:*",
+                            module_pass(perturbed), scale=2.0, cfg=guidance_scale > 1, calls="separate", mode="joint")
+
+
+def test_captions_of_different_lengths_refuse_image_mode(pipe):
+    """Each row's image tokens start after its own caption: one text span per call cannot describe them, so
+    mode="image" raises (before any output), naming mode="joint"."""
     for execution in ENABLE:
-        with pytest.raises(ValueError, match="attention mask reached the selected layer"):
-            guided(pipe, execution, "1:0", L.inputs(lengths=[4, 3]))
+        with pytest.raises(ValueError, match="text tokens at different positions .* use mode='joint'"):
+            guided(pipe, execution, "1:0", L.inputs(lengths=[4, 3]), mode="image")
     assert not headpag.is_enabled(pipe)
 
 

@@ -146,14 +146,17 @@ def padded(rows: int) -> torch.Tensor:
     return mask
 
 
-def test_padded_prompt_is_refused(pipes):
-    """A padded prompt reaches every layer as a key mask: a selected layer refuses it (all-ones masks are dropped
-    by the pipeline, so unpadded prompts carry none)."""
+@pytest.mark.parametrize("mode", ["joint", "image"])
+def test_padded_prompt_matches_an_independent_perturbed_pass(pipes, mode):
+    """A padded prompt reaches every layer as a key mask (all-ones masks are dropped by the pipeline, so only padded
+    prompts carry one): every head of layer 1 equals the reference fold of diffusers' identity attention (joint) or
+    of a text-first SDPA under the call's mask (image), with true CFG."""
     pipe = pipes["t2i"]
-    for execution in ENABLE:
-        with pytest.raises(ValueError, match="attention mask reached the selected layer"):
-            guided(pipe, execution, "1:0", batch("t2i", mask=padded(2)))
-    assert not headpag.is_enabled(pipe)
+    call = batch("t2i", mask=padded(2), true_cfg_scale=4.0)
+    check_matches_reference(pipe, call, "1:*", module_pass(perturbed_copy(pipe, 1, mode)), scale=2.0, cfg=True,
+                            calls="separate", mode=mode)
+    fused, eager = (guided(pipe, execution, HEADS, call) for execution in ENABLE)
+    close(fused, eager, "families")
 
 
 def test_padded_negative_prompt_is_fine(pipes):

@@ -97,6 +97,40 @@ def test_a_call_through_any_registered_backend_is_routed(flux_pipe, backend):
                                        atol=1e-5, rtol=1e-5)
 
 
+def _attend_through(entry: str, q, k, v, attn_mask):
+    """Attention of ``(B, N, H, D)`` tensors through diffusers' dispatch (native backend) or SDPA ``(B, H, N, D)``."""
+    if entry == "dispatch":
+        return dispatch_attention_fn(q, k, v, attn_mask=attn_mask, backend="native")
+    mask = attn_mask[:, None, None] if attn_mask.dim() == 2 else attn_mask
+    out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("entry", ["dispatch", "sdpa"])
+def test_the_call_mask_reaches_headpag_attention(flux_pipe, entry):
+    """A mask given to either entry point is applied by headpag's attention as SDPA applies it; a mask whose batch
+    is not the routed call's rows (an input not widened with the twins) raises instead of broadcasting wrongly."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 5, 3, 8) for _ in range(3))  # (B, N, H, D)
+    u = torch.tensor([[0.0, 1.0, 0.5], [0.25, 0.0, 0.0]])
+    codes = [[0, 2, 1], [1, 0, 0]]
+    mask = torch.tensor([[True, True, True, False, False], [True, True, True, True, False]])
+    expected = reference_attention(q, k, v, u, layout="bnhd", attn_mask=mask)
+    assert (expected - reference_attention(q, k, v, u, layout="bnhd")).abs().max() > 1e-2
+
+    def route():
+        return LayerRoute(reference_attention, RowCoefficients(u, codes, "joint", 0, False), "test.attn")
+
+    with patched(flux_pipe, "fused", "0:0"):
+        for attn_mask in (mask, mask[:, None, None, :]):
+            with routed(route(), AttnProcessor2_0()):
+                out = _attend_through(entry, q, k, v, attn_mask)
+            torch.testing.assert_close(out, expected)
+        with pytest.raises(RuntimeError, match="the attention mask has 3 rows for an attention batch of 2"):
+            with routed(route(), AttnProcessor2_0()):
+                _attend_through(entry, q, k, v, torch.ones(3, 1, 1, 5, dtype=torch.bool))
+
+
 def test_sdpa_processors_are_routed_too():
     """SD3's processor calls F.scaled_dot_product_attention itself ((B, H, N, D), layout "bhnd")."""
     pipe, inputs = M.sd3(), M.sd3_inputs()

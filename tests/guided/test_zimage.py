@@ -80,13 +80,15 @@ def test_img2img():
     check_fused_eager_restore(pipe, Z.img2img_inputs(batch=2, cfg=4.0), "0:0,1:1", mode="image")
 
 
-def test_prompts_of_different_padded_lengths_are_refused(zimage_pipe):
-    """A 40-token prompt pads to 64, its 7-token negative to 32: Z-Image masks the padding, headpag refuses."""
-    inputs = Z.zimage_inputs(batch=1, cfg=4.0, lengths=(40,))
-    M.run(zimage_pipe, inputs)  # the plain pipeline runs
-    with pytest.raises(ValueError, match="pad to different lengths"):
-        guided(zimage_pipe, "fused", "0:0", inputs)
-    assert not headpag.is_enabled(zimage_pipe)
+@pytest.mark.parametrize("mode", ["joint", "image"])
+@pytest.mark.parametrize("cfg", [4.0, 0.0], ids=["cfg", "no-cfg"])
+def test_prompts_of_different_padded_lengths(zimage_pipe, cfg, mode):
+    """Prompts of 40 and 7 tokens pad to 64 and 32 (the negatives to 32): Z-Image masks the batch padding of the
+    shorter rows. Every head of layer 1 equals the reference fold of a text-last SDPA under the call's mask, the
+    text span being everything after the image tokens (64 tokens, the padding of shorter rows masked)."""
+    perturbed = module_pass(sdpa_perturbed_copy(zimage_pipe, "layers.1.attention", mode, n_text=64, text="last"))
+    check_matches_reference(zimage_pipe, Z.zimage_inputs(batch=2, cfg=cfg, lengths=(40, 7)), "1:*", perturbed,
+                            scale=2.0, cfg=cfg > 0, calls="one", cond="first", mode=mode)
 
 
 def test_cfg_normalization_is_refused(zimage_pipe):

@@ -15,7 +15,7 @@ Every pipeline works on 16x16 images: 8x8 latents of 4 channels (the tiny VAE's 
   are random (diffusers zero-initialises them, which would make the residuals vanish).
 - :func:`chroma`, :func:`chroma_img2img`, :func:`chroma_inpaint`: ``ChromaTransformer2DModel`` of one double and two single blocks, 2 heads
   of 16; CFG (``guidance_scale > 1``) makes a cond and an uncond call per step. Chroma pipelines always pass a text
-  padding mask; :func:`drop_attention_mask` takes it off the denoiser's calls.
+  padding mask.
 
 :func:`routed_calls` records the attention calls headpag routes (q, k, v and the layer's text layout).
 """
@@ -216,14 +216,18 @@ def chroma_inpaint(*, seed: int = 0) -> ChromaInpaintPipeline:
 
 
 def chroma_inputs(*, prompts: int = 2, images_per_prompt: int = 1, cfg: float = 4.0, steps: int = 3,
-                  valid: int = TEXT_LEN, seed: int = 1, **extra) -> dict:
+                  valid: int | tuple[int, ...] = TEXT_LEN, seed: int = 1, **extra) -> dict:
     """Prompt embeddings with their padding masks (Chroma requires them with embeddings): the first ``valid`` of
-    the ``TEXT_LEN`` tokens of every prompt are valid (float 0/1, as ``encode_prompt`` makes them)."""
+    the ``TEXT_LEN`` tokens of every prompt (or of prompt ``i``: ``valid[i]``) are valid (float 0/1, as
+    ``encode_prompt`` makes them)."""
     def emb(s, *shape):
         return _randn(s, prompts, *shape).repeat_interleave(images_per_prompt, dim=0)
 
-    mask = torch.zeros(prompts * images_per_prompt, TEXT_LEN)
-    mask[:, :valid] = 1.0
+    lengths = (valid,) * prompts if isinstance(valid, int) else tuple(valid)
+    mask = torch.zeros(prompts, TEXT_LEN)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1.0
+    mask = mask.repeat_interleave(images_per_prompt, dim=0)
     kw = dict(prompt_embeds=emb(seed, TEXT_LEN, TEXT_DIM), prompt_attention_mask=mask, guidance_scale=cfg)
     if cfg > 1:
         kw.update(negative_prompt_embeds=emb(seed + 2, TEXT_LEN, TEXT_DIM), negative_prompt_attention_mask=mask.clone())
@@ -239,20 +243,6 @@ def chroma_inpaint_inputs(*, prompts: int = 2, images_per_prompt: int = 1, stren
     rows = prompts * images_per_prompt
     return chroma_inputs(prompts=prompts, images_per_prompt=images_per_prompt, **kw) | dict(
         image=images(rows), mask_image=masks(rows), strength=strength)
-
-
-@contextlib.contextmanager
-def drop_attention_mask(pipe):
-    """Inside the block, every call of ``pipe``'s denoiser has ``attention_mask=None`` (a forward pre-hook, which
-    runs before any diffusers hook on the model): Chroma with an all-valid text mask, made mask-free."""
-    def hook(module, args, kwargs):
-        return args, {**kwargs, "attention_mask": None}
-
-    handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield pipe
-    finally:
-        handle.remove()
 
 
 @contextlib.contextmanager

@@ -136,7 +136,8 @@ class PerturbedSDPA(TorchFunctionMode):
     identity map); ``image`` masks every image-image pair off the diagonal, ``n_text`` tokens being the text, the
     first ones (``text="first"``: ``[text, image]``, FLUX.2, Qwen-Image) or the last (``"last"``: ``[image, caption]``,
     Z-Image); with ``n_text=0`` every pair off the diagonal is masked (the identity map written on SDPA). The call's
-    own ``scale`` (``None``: SDPA's default) is kept."""
+    own ``scale`` (``None``: SDPA's default) and ``attn_mask`` (text padding; added to the image-image block's
+    ``-inf``, bool turned additive) are kept; the joint identity ignores the mask, as diffusers' PAG processors do."""
 
     def __init__(self, mode: str, n_text: int, text: str = "first"):
         super().__init__()
@@ -149,7 +150,6 @@ class PerturbedSDPA(TorchFunctionMode):
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
         call = dict(zip(("query", "key", "value"), args)) | kwargs
-        assert call.get("attn_mask") is None
         q, k, v = call["query"], call["key"], call["value"]
         if self.mode == "joint":
             return v.clone()
@@ -157,8 +157,12 @@ class PerturbedSDPA(TorchFunctionMode):
         position = torch.arange(n)
         image = position >= self.n_text if self.text == "first" else position < n - self.n_text
         block = image[:, None] & image[None, :] & ~torch.eye(n, dtype=torch.bool)
-        return func(q, k, v, attn_mask=torch.zeros(n, n, dtype=q.dtype).masked_fill(block, float("-inf")),
-                    scale=call.get("scale"))
+        bias = torch.zeros(n, n, dtype=q.dtype).masked_fill(block, float("-inf"))
+        mask = call.get("attn_mask")
+        if mask is not None:
+            bias = bias + (mask.to(q.dtype) if mask.is_floating_point()
+                           else torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf")))
+        return func(q, k, v, attn_mask=bias, scale=call.get("scale"))
 
 
 def sdpa_perturbed_copy(pipe, attention: str, mode: str, n_text: int, text: str = "first") -> torch.nn.Module:
