@@ -20,8 +20,9 @@
   headpag guides both (``headpag.archs.denoisers_of``): one session on each, the same settings, the heads resolved
   against each, and the PAG interval read over the whole schedule (a step's position in ``scheduler.timesteps``,
   whichever transformer runs it). Each transformer's uncond call gets the delta of its own cond call of the step.
-- Wan 2.1 FLF2V (first-last-frame, ``pos_embed_seq_len`` set) passes ``2 B`` rows of image tokens that the model
-  folds to ``B``: not supported (the rows cannot be widened by leading dim).
+- Wan 2.1 FLF2V (first-last-frame, ``pos_embed_seq_len`` set) passes ``encoder_hidden_states_image`` with ``2 B``
+  rows, each row's first- and last-frame CLIP tokens consecutive, which the model folds to ``B``: a grouped row
+  argument, widened two entries per row.
 - Real checkpoints (the Wan team's ``wan/configs/wan_*.py``; diffusers' defaults are the 14B ones): Wan 2.1
   T2V-1.3B 30 layers x 12 heads of 128; Wan 2.1 T2V/I2V-14B and Wan 2.2 A14B (each of its two transformers)
   40 layers x 40 heads of 128; Wan 2.2 TI2V-5B 30 layers x 24 heads of 128. 81 frames of 480x832 are 21 latent
@@ -49,6 +50,7 @@ WAN = register_architecture(Architecture(
               "attention_kwargs"),
     unit_row_args={"WanTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb")},
     processors=("WanAttnProcessor",),
+    grouped_row_args=("encoder_hidden_states_image",),
     scheduler_timestep=_scheduler_timestep,
 ))
 

@@ -29,7 +29,7 @@ from headpag.archs.wan import WAN
 from headpag.guided.routing import DISPATCH_ROUTING
 from headpag.guided.session import sessions_of
 from support import models_wan as W
-from support.checks import effect, forward_order, snapshot
+from support.checks import check_fused_eager_restore, effect, forward_order, snapshot
 from support.reference import check_matches_reference, folded, module_pass
 from support.tolerances import MIN_EFFECT, close
 
@@ -399,15 +399,37 @@ def test_a14b_failure_attaching_transformer_2_leaves_the_pipeline_unpatched():
         assert not headpag.is_enabled(pipe) and snapshots(pipe) == before and DISPATCH_ROUTING.holders == holders
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="Wan 2.1 FLF2V passes 2 B rows of image tokens (first and last frame) that the model folds "
-                          "to B: headpag widens per-row arguments by leading dim B only")
-def test_flf2v_is_not_supported():
+def flf2v_pipe():
+    """Wan 2.1 FLF2V: the I2V pipeline with a transformer whose ``pos_embed_seq_len`` folds two CLIP images per row."""
     torch.manual_seed(0)
-    config = dict(W.wan_transformer(in_channels=2 * W.Z_DIM + 4, image_dim=W.CLIP_DIM).config)
-    transformer = WanTransformer3DModel.from_config({**config, "pos_embed_seq_len": 2 * 17}).eval()
+    config = W.wan_transformer(in_channels=2 * W.Z_DIM + 4, image_dim=W.CLIP_DIM).config
     pipe = W.wan_i2v()
-    pipe.transformer = transformer
-    inputs = W.wan_i2v_inputs(pipe) | dict(last_image=W.image(5))
-    W.run(pipe, inputs)  # diffusers runs it
-    W.guided(pipe, "fused", "0:0", inputs)
+    # built from the config's values: from_config would reset pos_embed_seq_len, listed in _use_default_values
+    arguments = {k: v for k, v in config.items() if not k.startswith("_")} | {"pos_embed_seq_len": 2 * 17}
+    pipe.transformer = WanTransformer3DModel(**arguments).eval()
+    assert pipe.transformer.condition_embedder.image_embedder.pos_embed is not None
+    return pipe
+
+
+@pytest.mark.parametrize("cfg", [5.0, 1.0], ids=["cfg", "no-cfg"])
+def test_flf2v(cfg):
+    """Wan 2.1 FLF2V passes 2 B rows of image tokens (each row's first and last frame, consecutive) that the model
+    folds to B: they are widened two at a time. Every head of layer 1 equals the reference fold of diffusers'
+    identity attention (fused and eager), and fused == eager, disable and scale=0 are exact, with 2 prompts x 2
+    videos."""
+    pipe = flf2v_pipe()
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["encoder_hidden_states_image"].shape[0] / kw["hidden_states"].shape[0]),
+        with_kwargs=True)
+    try:
+        inputs = W.wan_i2v_inputs(pipe, cfg=cfg) | dict(last_image=W.image(5))
+        W.run(pipe, inputs)
+    finally:
+        handle.remove()
+    assert set(seen) == {2.0}
+    check_matches_reference(pipe, inputs, "1:*", module_pass(skipping_copy(pipe.transformer, 1)), scale=3.0,
+                            calls="each", cond_inputs=with_cond_embeddings(inputs), kind="fp32", run=W.run, u=1.0,
+                            mode="joint")
+    inputs = W.wan_i2v_inputs(pipe, cfg=cfg, batch=2, videos_per_prompt=2) | dict(last_image=W.image(5))
+    check_fused_eager_restore(pipe, inputs, "0:0,1:1@0.5", run=W.run)
