@@ -38,8 +38,9 @@ def enable(pipe, heads, *, execution: str = "fused", scale: float = 3.0, u: floa
     """Patches ``pipe`` in place so that a plain ``pipe(...)`` call makes head-level PAG guided samples.
 
     Args:
-        pipe: a diffusers pipeline whose denoiser has a registered architecture and whose class (or a base class)
-            has a registered call pattern (``headpag.register_architecture`` / ``headpag.register_pipeline``).
+        pipe: a diffusers pipeline whose denoiser has a registered architecture (``headpag.register_architecture``)
+            and whose class (or a base class) has a registered call pattern (``headpag.register_pipeline``) or whose
+            loop follows a built-in pattern (read from its ``__call__``: ``headpag.archs.loop_reading``).
         heads: the heads to perturb: a :class:`HeadSet` or anything it parses (``"4:0,4:3@0.5"``, tuples, dicts).
         execution: ``"fused"`` (the twins in the same batch, the kernel) or ``"eager"`` (a separate perturbed
             forward with the maps materialised: the oracle and baseline).
