@@ -110,11 +110,13 @@ def cmd_generate(args) -> int:
 
     pipe = _load_pipeline(args.model, args.device, args.dtype)
     heads = _heads_arg(args.heads)
-    if heads is not None and args.scale > 0:
-        enable_fused(pipe, heads, scale=args.scale, u=args.u, mode=args.mode)
+    if heads is not None:  # enable_fused checks scale (negative or NaN refused; 0 runs the plain pipeline)
+        enable_fused(pipe, heads, scale=args.scale, u=args.u, mode=args.mode, adaptive_scale=args.adaptive_scale)
     kwargs = {"num_inference_steps": args.steps, "generator": torch.Generator("cpu").manual_seed(args.seed)}
     if args.guidance_scale is not None:
         kwargs["guidance_scale"] = args.guidance_scale
+    if args.guidance_rescale is not None:
+        kwargs["guidance_rescale"] = args.guidance_rescale
     try:
         image = pipe(args.prompt, **kwargs).images[0]
     finally:
@@ -187,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("--heads", default=None, help="heads.json or a head string like '4:3,6:*'")
     p.add_argument("--u", type=float, default=None, help="override every head's coefficient")
+    p.add_argument("--adaptive-scale", type=float, default=0.0, help="diffusers' pag_adaptive_scale a: the PAG scale "
+                   "at timestep t is max(0, scale - a * (1000 - t))")
+    p.add_argument("--guidance-rescale", type=float, default=None, help="the pipeline's guidance_rescale (SD, SDXL, "
+                   "HunyuanDiT), applied as diffusers' PAG pipelines do")
     p.add_argument("--prompt", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="headpag.png", help="PNG path")

@@ -21,7 +21,8 @@ Detection is conservative: a pattern matches only when all its markers are prese
 compound test, more denoiser calls than the pattern makes, a cache context other than ``"cond"`` / ``"uncond"``
 around a ``"separate"`` loop's calls, ...), and a loop is detected only when exactly one pattern matches. Calls
 that pass the architecture's ``side_pass_arg`` (SD3's skip-layer pass) are not counted. What a matched loop can
-still do at run time that its pattern cannot fold (``guidance_rescale > 0``) the pattern refuses at call time.
+still do at run time that headpag cannot honour (``guidance_rescale > 0`` without a ``rescale_noise_cfg`` in its
+loop module) is refused at call time.
 The ``cfg_off`` of a detected pattern is ``{scale: 1.0}`` for the scale that gates the uncond rows
 (``true_cfg_scale`` when ``__call__`` takes it, else ``guidance_scale``) when its default is above 1, else ``{}``.
 """

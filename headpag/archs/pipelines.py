@@ -92,12 +92,6 @@ class CallPattern:
             if batch % 2 == 0 and labels is not None and bool((labels[batch // 2:] == null).all()):
                 return RowLayout(batch, range(0, batch // 2), range(batch // 2, batch))
             return RowLayout(batch, range(batch), None)
-        # The __call__ argument itself: some loops keep it in a local only (SDXL ControlNet inpaint).
-        if caller_local(pipe, "guidance_rescale", getattr(pipe, "guidance_rescale", 0.0)):
-            raise ValueError(
-                "guidance_rescale > 0 is not supported with headpag: it rescales against the cond prediction, which "
-                "the fold has moved; call the pipeline with guidance_rescale=0"
-            )
         if self.name == "uncond_cond":
             cfg = pipe.do_classifier_free_guidance
         else:

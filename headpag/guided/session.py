@@ -31,13 +31,20 @@ from ..archs import (
     LayerInfo, RowLayout, architecture_of, call_pattern_of, denoisers_of, forward_units, get_denoiser, list_layers,
     named_denoisers,
 )
+from ..archs.pipelines import caller_local
 from ..heads import HeadSet
+from . import rescale
 from .call_state import CallShape, CallState
 from .fold import fold, guided_channels, in_interval, perturbation_delta, step_position
 from .hooks import ATTENTION_HOOK, DENOISER_HOOK, UNIT_HOOK, Attached, AttentionHook, DenoiserHook, UnitHook
 from .routing import DISPATCH_ROUTING, check_default_processor
 from .rows import bind, first_tensor, group_size, map_arguments, replace_sample, take_list, take_rows, widen, widen_list
 from .settings import Settings
+
+def guidance_rescale(pipe) -> float:
+    """The ``guidance_rescale`` of the running ``__call__`` of ``pipe`` (some loops keep it in a local only)."""
+    return float(caller_local(pipe, "guidance_rescale", getattr(pipe, "guidance_rescale", 0.0)) or 0.0)
+
 
 @dataclass(frozen=True)
 class CallDecision:
@@ -70,6 +77,7 @@ class GuidedSession:
         self.row_heads: list[HeadSet] | None = None
         self._step_delta: tuple[int, torch.Tensor] | None = None
         self._step = -1
+        self._scale = 0.0  # the PAG scale of the guided step running now (Settings.scale_at)
         self.attached = Attached()
         units = [denoiser.get_submodule(unit) for unit in self.units]
         unit_args = [self.arch.unit_args(module, unit) for module, unit in zip(units, self.units)]  # raise before hooking
@@ -82,6 +90,8 @@ class GuidedSession:
         except BaseException:
             self.attached.remove_all(denoiser)  # a half-built session leaves nothing behind
             raise
+        self.cond_record = rescale.CondRecord()
+        self.rescale_modules = rescale.hold(pipe, self.cond_record)
 
     # --- settings -------------------------------------------------------------------------------------------
     def heads_of(self, j: int) -> HeadSet:
@@ -115,6 +125,7 @@ class GuidedSession:
     def remove(self) -> None:
         self.attached.remove_all(self.denoiser)
         DISPATCH_ROUTING.release()
+        rescale.release(self.rescale_modules, self.cond_record)
 
     # --- the guided call -----------------------------------------------------------------------------------
     def call_state(self, shape: CallShape) -> CallState:
@@ -158,14 +169,15 @@ class GuidedSession:
         timesteps = pipe.scheduler.timesteps
         if isinstance(timestep, torch.Tensor) and timestep.device.type == "meta":
             # Costing on the meta device: the step cannot be read, so every call of a non-empty interval is guided.
-            step = -1
-            guided = settings.scale > 0 and settings.interval[0] < settings.interval[1]
+            step, scale = -1, settings.scale_at(None)
+            guided = scale > 0 and settings.interval[0] < settings.interval[1]
         else:
             step = step_position(timesteps, timestep)
-            guided = settings.scale > 0 and in_interval(step, len(timesteps), settings.interval)
+            scale = settings.scale_at(float(timesteps[step]))
+            guided = scale > 0 and in_interval(step, len(timesteps), settings.interval)
         if not guided:
             return None
-        self._step = step
+        self._step, self._scale = step, scale
         sample = arguments[self.arch.sample_arg]
         if isinstance(sample, list):  # one tensor per row (Architecture.row_lists)
             batch, sample = len(sample), sample[0]
@@ -175,6 +187,12 @@ class GuidedSession:
         layout = None if side_pass else self.pattern.layout(pipe, self.denoiser, arguments, batch, context)
         if layout is None:
             return CallDecision("shift", None, None, args, kwargs)
+        if layout.uncond is not None and not self.rescale_modules and guidance_rescale(pipe) > 0:
+            raise ValueError(
+                f"guidance_rescale > 0 is not supported with headpag on {type(pipe).__name__}: its loop has no "
+                f"rescale_noise_cfg headpag can point at the unperturbed cond prediction; call the pipeline with "
+                f"guidance_rescale=0"
+            )
         text = arguments.get(self.arch.text_arg) if self.arch.text_arg else None
         if self.arch.text_length is not None:
             n_text = self.arch.text_length(arguments)
@@ -219,9 +237,14 @@ class GuidedSession:
         sample = first_tensor(out)
         base = sample[: layout.n_base]
         perturbed = sample[layout.n_base:] if perturbed_out is None else first_tensor(perturbed_out)
-        delta = perturbation_delta(base[layout.cond.start:layout.cond.stop], perturbed, self.settings.scale, self.channels)
+        delta = perturbation_delta(base[layout.cond.start:layout.cond.stop], perturbed, self._scale, self.channels)
         self._step_delta = (self._step, delta)
-        return replace_sample(out, fold(base, layout, delta))
+        folded = fold(base, layout, delta)
+        if layout.uncond is not None:  # the pipeline's guidance_rescale measures the unmoved cond rows
+            self.cond_record.set(folded[layout.cond.start:layout.cond.stop], base[layout.cond.start:layout.cond.stop])
+        else:
+            self.cond_record.clear()
+        return replace_sample(out, folded)
 
 
 # One session per denoiser; a pipeline with several denoisers (Wan 2.2 A14B's transformer and transformer_2) has one

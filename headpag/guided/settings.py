@@ -24,15 +24,24 @@ class Settings:
         scale: PAG scale ``w`` (>= 0; 0 computes no perturbed rows).
         mode: ``"joint"`` (identity over the whole sequence) or ``"image"`` (identity on the image-image block).
         interval: ``(start, stop)``: step ``i`` of ``T`` is guided iff ``start <= i / T < stop``.
+        adaptive_scale: ``a`` of diffusers' ``pag_adaptive_scale`` (>= 0): at scheduler timestep ``t`` the PAG scale
+            is ``max(0, scale - a * (1000 - t))`` (:meth:`scale_at`); 0 keeps ``scale`` on every step.
     """
 
     heads: HeadSet
     scale: float
     mode: str
     interval: tuple[float, float]
+    adaptive_scale: float = 0.0
+
+    def scale_at(self, timestep: float | None) -> float:
+        """The PAG scale at scheduler timestep ``timestep`` (None: unknown, as on the meta device: ``scale``)."""
+        if not self.adaptive_scale or timestep is None:
+            return self.scale
+        return max(0.0, self.scale - self.adaptive_scale * (1000.0 - float(timestep)))
 
 
-def make_settings(denoiser, heads, scale, u, mode, interval) -> Settings:
+def make_settings(denoiser, heads, scale, u, mode, interval, adaptive_scale=0.0) -> Settings:
     """Checks every setting (a ``ValueError`` / ``TypeError`` names the argument) and resolves ``heads``."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -41,7 +50,8 @@ def make_settings(denoiser, heads, scale, u, mode, interval) -> Settings:
         heads = heads.with_u(u)
     if not len(heads):
         raise ValueError("heads is empty: select at least one (layer, head), e.g. '4:0' or [(4, 0)]")
-    return Settings(heads, check_scale(scale), mode, check_interval(interval))
+    return Settings(heads, check_scale(scale), mode, check_interval(interval),
+                    check_scale(adaptive_scale, "adaptive_scale"))
 
 
 def check_interval(interval) -> tuple[float, float]:
@@ -55,11 +65,11 @@ def check_interval(interval) -> tuple[float, float]:
     return start, stop
 
 
-def check_scale(scale) -> float:
-    """The PAG scale ``w``: a finite number >= 0."""
+def check_scale(scale, name: str = "scale") -> float:
+    """The PAG scale ``w`` (or another scale called ``name``): a finite number >= 0."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a finite number >= 0, got {scale!r}")
+        raise TypeError(f"{name} must be a finite number >= 0, got {scale!r}")
     scale = float(scale)
     if not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"scale must be a finite number >= 0, got {scale}")
+        raise ValueError(f"{name} must be a finite number >= 0, got {scale}")
     return scale

@@ -93,17 +93,18 @@ def test_hunt_options_reach_the_search(monkeypatch, tmp_path, capsys):
 @pytest.mark.parametrize("scale", [2.5, 0.0])
 def test_generate_options_reach_the_pipeline(monkeypatch, tmp_path, scale):
     """``headpag generate``: the loader gets --model/--device/--dtype, enable_fused the heads (a heads.json),
-    --scale, --u and --mode (not called at all with --scale 0), the pipeline call --prompt, --steps,
-    --guidance-scale and --seed; the image goes to --output and the pipeline is disabled after the call."""
+    --scale (0 too: the API checks it and runs the plain pipeline), --u, --mode and --adaptive-scale, the pipeline
+    call --prompt, --steps, --guidance-scale, --guidance-rescale and --seed; the image goes to --output and the
+    pipeline is disabled after the call."""
     events = []
-    monkeypatch.setattr(api, "enable", lambda pipe, heads, *, execution, scale, u, mode, interval: events.append(
-        ("enable", pipe, heads, scale, u, mode, execution)))
+    monkeypatch.setattr(api, "enable", lambda pipe, heads, *, execution, scale, u, mode, interval, adaptive_scale:
+                        events.append(("enable", pipe, heads, scale, u, mode, execution, adaptive_scale)))
     monkeypatch.setattr(api, "detach", lambda pipe: events.append(("disable", pipe)))
 
     class FakePipe:
         def __call__(self, prompt, **kwargs):
             events.append(("call", prompt, kwargs["num_inference_steps"], kwargs["guidance_scale"],
-                           kwargs["generator"].initial_seed()))
+                           kwargs["guidance_rescale"], kwargs["generator"].initial_seed()))
             return types.SimpleNamespace(images=[Image.new("RGB", (5, 3), (255, 0, 0))])
 
     pipe = FakePipe()
@@ -113,9 +114,11 @@ def test_generate_options_reach_the_pipeline(monkeypatch, tmp_path, scale):
     out = tmp_path / "out.png"
     assert main(["generate", "--model", "MODEL", "--device", "cpu", "--dtype", "float16", "--heads", str(heads),
                  "--scale", str(scale), "--u", "0.25", "--mode", "image", "--steps", "7", "--guidance-scale", "1.5",
-                 "--seed", "11", "--prompt", "a cat", "--output", str(out)]) == 0
-    enabled = [("enable", pipe, HeadSet("1:0,2:1@0.5"), 2.5, 0.25, "image", "fused")] if scale else []
-    assert events == [("load", "MODEL", "cpu", "float16"), *enabled, ("call", "a cat", 7, 1.5, 11), ("disable", pipe)]
+                 "--adaptive-scale", "0.01", "--guidance-rescale", "0.7", "--seed", "11", "--prompt", "a cat",
+                 "--output", str(out)]) == 0
+    enabled = ("enable", pipe, HeadSet("1:0,2:1@0.5"), scale, 0.25, "image", "fused", 0.01)
+    assert events == [("load", "MODEL", "cpu", "float16"), enabled, ("call", "a cat", 7, 1.5, 0.7, 11),
+                      ("disable", pipe)]
     assert Image.open(out).size == (5, 3)
 
 

@@ -26,11 +26,13 @@ def test_hunyuandit_layers(hunyuan_pipe):
 
 # diffusers' HunyuanDiTPAGPipeline without CFG stacks ``image_meta_size`` / ``style`` three times (as with CFG) for
 # two rows per sample, which only a v1.2-style model (no such conditioning) survives: no-CFG parity runs on one.
-@pytest.mark.parametrize("cfg,style_cond", [(5.0, True), (5.0, False), (1.0, False)],
-                         ids=["cfg-v1.1", "cfg-v1.2", "no_cfg-v1.2"])
-def test_hunyuandit_matches_diffusers_pag_pipeline(cfg, style_cond):
+@pytest.mark.parametrize("cfg,style_cond,rescale", [(5.0, True, 0.0), (5.0, False, 0.0), (1.0, False, 0.0),
+                                                    (5.0, True, 0.7)],
+                         ids=["cfg-v1.1", "cfg-v1.2", "no_cfg-v1.2", "cfg-v1.1-guidance_rescale"])
+def test_hunyuandit_matches_diffusers_pag_pipeline(cfg, style_cond, rescale):
+    """guidance_rescale is applied against the unperturbed cond prediction, as the PAG pipeline applies it."""
     pipe = F.hunyuandit(style_cond=style_cond)
-    inputs = F.hunyuandit_inputs(batch=2, num_images_per_prompt=2, cfg=cfg)
+    inputs = F.hunyuandit_inputs(batch=2, num_images_per_prompt=2, cfg=cfg) | {"guidance_rescale": rescale}
     check_matches_peer(pipe, inputs, HunyuanDiTPAGPipeline, f"{layer_index(pipe, 'blocks.4.')}:*", rows=(4,),
                        requires_safety_checker=False, pag_applied_layers=["blocks.4"])
 

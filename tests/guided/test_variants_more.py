@@ -17,7 +17,7 @@ from headpag.archs import call_pattern_of
 from support import models as M
 from support import models_variants as V
 from support import models_variants_more as X
-from support.checks import MIN_EFFECT, check_fused_eager_restore, check_layer_table, effect, patched
+from support.checks import ENABLE, MIN_EFFECT, check_fused_eager_restore, check_layer_table, close, effect, patched
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -128,15 +128,34 @@ def test_fused_eager_restore(case, cfg, pipes):
 
 
 @pytest.mark.parametrize("variant", ["sdxl_controlnet_inpaint", "hunyuandit_controlnet"])
-def test_guidance_rescale_is_refused(variant, pipes):
-    """``guidance_rescale > 0`` rescales against the moved cond prediction: refused. StableDiffusionXLControlNet-
-    InpaintPipeline keeps it in a local of ``__call__`` only (its own pattern reads it there), HunyuanDiT's ControlNet
-    pipeline as ``pipe.guidance_rescale``."""
+def test_guidance_rescale_measures_the_unperturbed_cond(variant, pipes):
+    """``guidance_rescale > 0`` is applied against the unperturbed cond prediction (diffusers' PAG semantics):
+    every rescale_noise_cfg call of a guided step gets the cond rows as the denoiser returned them before the fold,
+    fused and eager agree, and the rescale changes the output. StableDiffusionXLControlNetInpaintPipeline keeps
+    guidance_rescale in a local of ``__call__`` only, HunyuanDiT's ControlNet pipeline as ``pipe.guidance_rescale``."""
+    from headpag.guided import rescale
+
     pipe = pipes(variant)
     inputs = _inputs(variant, steps=2)
     plain = M.run(pipe, inputs)
-    with patched(pipe, "fused", "2:0", scale=3.0):
-        with pytest.raises(ValueError, match="guidance_rescale"):
-            M.run(pipe, {**inputs, "guidance_rescale": 0.7})
-        assert effect(M.run(pipe, inputs), plain) > MIN_EFFECT  # guidance_rescale=0 still runs
+    seen = []
+    unmoved = rescale.CondRecord.unmoved
+
+    def spy(self, noise_pred_text):
+        cond = unmoved(self, noise_pred_text)
+        seen.append(cond is not None)
+        return cond
+
+    outputs = {}
+    rescale.CondRecord.unmoved = spy
+    try:
+        for execution in ENABLE:
+            with patched(pipe, execution, "2:0", scale=3.0):
+                outputs[execution] = M.run(pipe, {**inputs, "guidance_rescale": 0.7})
+                no_rescale = M.run(pipe, inputs)
+    finally:
+        rescale.CondRecord.unmoved = unmoved
+    assert len(seen) >= 2 and all(seen)  # every rescale call of both executions (strength may trim the steps)
+    close(outputs["fused"], outputs["eager"], "families")
+    assert effect(outputs["fused"], no_rescale) > MIN_EFFECT
     assert torch.equal(M.run(pipe, inputs), plain)
