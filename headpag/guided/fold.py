@@ -22,6 +22,27 @@ def step_position(timesteps: torch.Tensor, timestep) -> int:
     return int(torch.argmin((timesteps.detach().float().cpu() - t).abs()))
 
 
+def pipeline_step(scheduler, timestep) -> tuple[int, int, float]:
+    """``(i, T, t)``: the pipeline step ``i`` of ``T`` a denoiser call at ``timestep`` belongs to, counted as the
+    pipeline counts them, and the scheduler timestep ``t`` of the call.
+
+    A scheduler of order 1 makes one call per entry of ``scheduler.timesteps``: the call's entry is the nearest
+    timestep. A second-order scheduler (Heun, DPM2: ``order == 2``) makes two calls per step over ``2 T - 1``
+    entries that repeat timesteps, so the entry is the scheduler's own ``step_index`` (its ``begin_index``, or
+    the nearest timestep, before its first ``step``) and the step is ``entry // order``."""
+    timesteps = scheduler.timesteps
+    order = int(getattr(scheduler, "order", 1) or 1)
+    entry = None
+    if order > 1:
+        entry = getattr(scheduler, "step_index", None)
+        if entry is None:
+            entry = getattr(scheduler, "begin_index", None)
+    if entry is None:
+        entry = step_position(timesteps, timestep)
+    entry = min(int(entry), len(timesteps) - 1)
+    return entry // order, -(-len(timesteps) // order), float(timesteps[entry])
+
+
 def in_interval(i: int, T: int, interval: tuple[float, float]) -> bool:
     """Step ``i`` of ``T`` is guided iff ``start <= i / T < stop``."""
     start, stop = interval

@@ -20,12 +20,14 @@ the same object, and removing the session takes away exactly what was added:
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers import DiffusionPipeline
 
 from ..archs import (
     LayerInfo, RowLayout, architecture_of, call_pattern_of, denoisers_of, forward_units, get_denoiser, list_layers,
@@ -36,7 +38,7 @@ from ..heads import HeadSet
 from . import rescale
 from .caches import check_no_cache
 from .call_state import CallShape, CallState
-from .fold import fold, guided_channels, in_interval, perturbation_delta, step_position
+from .fold import fold, guided_channels, in_interval, perturbation_delta, pipeline_step
 from .hooks import ATTENTION_HOOK, DENOISER_HOOK, UNIT_HOOK, Attached, AttentionHook, DenoiserHook, UnitHook
 from .routing import DISPATCH_ROUTING, check_default_processor
 from .rows import bind, first_tensor, group_size, map_arguments, replace_sample, take_list, take_rows, widen, widen_list
@@ -69,6 +71,7 @@ class GuidedSession:
         self.denoiser = denoiser
         self.arch = architecture_of(denoiser)
         self.pattern = call_pattern_of(pipe)
+        self._patterns: dict[type, Any] = {}  # call patterns of other pipelines sharing the denoiser
         self.fused = execution == "fused"
         self.layers: list[LayerInfo] = list_layers(denoiser)
         self.units = forward_units(denoiser)
@@ -160,25 +163,47 @@ class GuidedSession:
         finally:
             self.call = None
 
+    def _calling_pipeline(self):
+        """``(pipeline, call pattern)`` of this denoiser call: the innermost diffusers pipeline whose ``__call__`` is
+        running (a pipeline sharing the patched denoiser, e.g. made by ``from_pipe``, reads its own CFG flag,
+        timesteps and rows), else the patched pipeline (a direct denoiser call, as the benchmarks make)."""
+        frame = sys._getframe(2)
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if frame.f_code.co_name == "__call__" and isinstance(candidate, DiffusionPipeline):
+                break
+            frame = frame.f_back
+        owner = self.pipe_ref()
+        pipe = candidate if frame is not None else owner
+        if pipe is None:
+            raise RuntimeError(
+                f"the pipeline headpag patched this {type(self.denoiser).__name__} for no longer exists and the call "
+                f"comes from no running pipeline: call headpag.enable_fused on the pipeline that uses the denoiser"
+            )
+        if pipe is owner:
+            return pipe, self.pattern
+        if type(pipe) not in self._patterns:
+            self._patterns[type(pipe)] = call_pattern_of(pipe)
+        return pipe, self._patterns[type(pipe)]
+
     @torch.compiler.disable
     def _decide(self, forward, args: tuple, kwargs: dict, context: str | None) -> CallDecision | None:
         """What this call does, or None when it is not guided."""
-        pipe = self.pipe_ref()
+        pipe, pattern = self._calling_pipeline()
         settings = self.settings
         bound = bind(forward, args, kwargs)
         arguments = bound.arguments
         timestep = arguments.get(self.arch.timestep_arg)
         if self.arch.scheduler_timestep is not None:
             timestep = self.arch.scheduler_timestep(timestep)
-        timesteps = pipe.scheduler.timesteps
         if isinstance(timestep, torch.Tensor) and timestep.device.type == "meta":
             # Costing on the meta device: the step cannot be read, so every call of a non-empty interval is guided.
             step, scale = -1, settings.scale_at(None)
             guided = scale > 0 and settings.interval[0] < settings.interval[1]
         else:
-            step = step_position(timesteps, timestep)
-            scale = settings.scale_at(float(timesteps[step]))
-            guided = scale > 0 and in_interval(step, len(timesteps), settings.interval)
+            step, n_steps, t = pipeline_step(pipe.scheduler, timestep)
+            scale = settings.scale_at(t)
+            guided = scale > 0 and in_interval(step, n_steps, settings.interval)
         if not guided:
             return None
         # a cache enabled after headpag: its config, or hooks on the units (blocks) or the selected layers
@@ -190,7 +215,14 @@ class GuidedSession:
         else:
             batch = sample.shape[0]
         side_pass = self.arch.side_pass_arg is not None and arguments.get(self.arch.side_pass_arg) is not None
-        layout = None if side_pass else self.pattern.layout(pipe, self.denoiser, arguments, batch, context)
+        try:
+            layout = None if side_pass else pattern.layout(pipe, self.denoiser, arguments, batch, context)
+        except AttributeError as err:  # e.g. do_classifier_free_guidance before the pipeline's first call
+            raise RuntimeError(
+                f"the denoiser headpag patched on {type(pipe).__name__} was called outside a pipeline call, and the "
+                f"pipeline holds no state of a running call ({err}): headpag reads the rows (CFG on or off) from the "
+                f"running pipeline; call the pipeline, or headpag.disable(pipe) for direct denoiser calls"
+            ) from err
         if layout is None:
             return CallDecision("shift", None, None, args, kwargs)
         if layout.uncond is not None and not self.rescale_modules and guidance_rescale(pipe) > 0:
