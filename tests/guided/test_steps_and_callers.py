@@ -28,7 +28,7 @@ from support.tolerances import close
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               # diffusers' k-diffusion schedulers build numpy arrays from tensors (numpy 2 deprecation, not ours)
-              pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")]
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 # T = 4 steps, interval (0.5, 1): steps 2 and 3 guided. Rows of the guided layer per denoiser call, CFG with one
 # prompt: 2 (uncond, cond) unguided, 3 (plus the twin) guided.
@@ -36,14 +36,14 @@ FIRST_ORDER = [2, 2, 3, 3]
 SECOND_ORDER = [2, 2, 2, 2, 3, 3, 3]  # steps 0, 0, 1, 1, 2, 2, 3 (Heun's last step is a single call)
 UNET_SCHEDULERS = {
     "DDIM": (lambda: DDIMScheduler(clip_sample=False, steps_offset=1, set_alpha_to_one=False), FIRST_ORDER),
-    "Euler": (EulerDiscreteScheduler, FIRST_ORDER),
-    "EulerAncestral": (EulerAncestralDiscreteScheduler, FIRST_ORDER),
-    "DPMSolverMultistep": (DPMSolverMultistepScheduler, FIRST_ORDER),
-    "UniPCMultistep": (UniPCMultistepScheduler, FIRST_ORDER),
-    "LMSDiscrete": (LMSDiscreteScheduler, FIRST_ORDER),
-    "Heun": (HeunDiscreteScheduler, SECOND_ORDER),
-    "KDPM2": (KDPM2DiscreteScheduler, SECOND_ORDER),
-    "KDPM2Ancestral": (KDPM2AncestralDiscreteScheduler, SECOND_ORDER),
+    "Euler": (lambda: EulerDiscreteScheduler(steps_offset=1), FIRST_ORDER),
+    "EulerAncestral": (lambda: EulerAncestralDiscreteScheduler(steps_offset=1), FIRST_ORDER),
+    "DPMSolverMultistep": (lambda: DPMSolverMultistepScheduler(steps_offset=1), FIRST_ORDER),
+    "UniPCMultistep": (lambda: UniPCMultistepScheduler(steps_offset=1), FIRST_ORDER),
+    "LMSDiscrete": (lambda: LMSDiscreteScheduler(steps_offset=1), FIRST_ORDER),
+    "Heun": (lambda: HeunDiscreteScheduler(steps_offset=1), SECOND_ORDER),
+    "KDPM2": (lambda: KDPM2DiscreteScheduler(steps_offset=1), SECOND_ORDER),
+    "KDPM2Ancestral": (lambda: KDPM2AncestralDiscreteScheduler(steps_offset=1), SECOND_ORDER),
 }
 
 
@@ -68,7 +68,7 @@ def test_the_interval_counts_the_pipelines_steps(name):
 def test_pndm_counts_its_warmup_calls_as_steps():
     """PNDM (PLMS) runs one call per entry of its timesteps (T + 1 entries, the first one repeated): it has no
     second-order step to pair, so each call is read by its timestep, and the last half of the schedule is guided."""
-    pipe = M.sd15(scheduler=PNDMScheduler(skip_prk_steps=True))
+    pipe = M.sd15(scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1))
     with recorded_rows(_mid(pipe)) as log, patched(pipe, "fused", _mid_heads(pipe), scale=3.0, interval=(0.5, 1.0)):
         M.run(pipe, M.sd15_inputs(steps=4))
     assert log["mid"][-2:] == [3, 3] and log["mid"][:2] == [2, 2]
@@ -87,7 +87,7 @@ def test_the_interval_counts_the_steps_of_flow_matching_schedulers(scheduler, ex
 
 
 def test_heun_fused_equals_eager():
-    pipe = M.sd15(scheduler=HeunDiscreteScheduler())
+    pipe = M.sd15(scheduler=HeunDiscreteScheduler(steps_offset=1))
     inputs = M.sd15_inputs(steps=3, batch=2)
     heads = _mid_heads(pipe)
     close(guided(pipe, "fused", heads, inputs, scale=3.0), guided(pipe, "eager", heads, inputs, scale=3.0), "fp32")
