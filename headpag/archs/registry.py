@@ -57,6 +57,9 @@ class Architecture:
         grouped_row_args: names in ``row_args`` that may hold ``k`` consecutive entries per row (a leading dim of
             ``k * B``, ``k > 1``), taken ``k`` at a time (Wan 2.1 FLF2V's first- and last-frame CLIP image tokens,
             ``2 B`` rows that the model folds to ``B``).
+        prepare_arguments: ``bound arguments -> None``, lays out a call's arguments (a mutable mapping, changed in
+            place) before headpag reads or widens them, for inputs whose rows are not along dim 0 (HiDream's
+            ``(layers, B, n, C)`` Llama stack becomes the list of its layers, each ``(B, n, C)``); None: as given.
         rows_per_sample: for a denoiser that folds several rows per sample into its batch (AnimateDiff's
             ``UNetMotionModel``: a ``(B, C, F, H, W)`` sample becomes ``B * F`` frame rows, each sample's frames
             consecutive), maps the call's bound arguments to that count ``F``; None: one row per sample. Per-row
@@ -95,6 +98,7 @@ class Architecture:
     grouped_row_args: tuple[str, ...] = ()
     text_length: Callable[[Mapping[str, Any]], int | None] | None = None
     rows_per_sample: Callable[[Mapping[str, Any]], int] | None = None
+    prepare_arguments: Callable[[Any], None] | None = None
     perturbed_attention: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
@@ -122,7 +126,7 @@ class Architecture:
         if not isinstance(self.grouped_row_args, tuple) or not set(self.grouped_row_args) <= set(self.row_args):
             raise TypeError(f"Architecture.grouped_row_args must be a tuple of names in row_args, got "
                             f"{self.grouped_row_args!r}")
-        for field_name in ("text_length", "rows_per_sample", "perturbed_attention"):
+        for field_name in ("text_length", "rows_per_sample", "perturbed_attention", "prepare_arguments"):
             value = getattr(self, field_name)
             if value is not None and not callable(value):
                 raise TypeError(f"Architecture.{field_name} must be a callable or None, got {value!r}")

@@ -193,6 +193,8 @@ class GuidedSession:
         settings = self.settings
         bound = bind(forward, args, kwargs)
         arguments = bound.arguments
+        if self.arch.prepare_arguments is not None:
+            self.arch.prepare_arguments(arguments)
         timestep = arguments.get(self.arch.timestep_arg)
         if self.arch.scheduler_timestep is not None:
             timestep = self.arch.scheduler_timestep(timestep)
