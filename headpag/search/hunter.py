@@ -12,9 +12,15 @@ Every job has its own seeded generator, so a candidate's images do not depend on
 Successive halving (``strategy="halving"``, an approximation): score every candidate on a first slice of the
 prompt x seed pairs, keep the best half, extend their evaluation, repeat until the survivors have all pairs.
 
-Run directory (``out_dir``, format in :mod:`headpag.search.run_dir`): the settings (a directory written with other
-settings is refused), one fsynced record per finished evaluation (a rerun skips everything recorded), round-1
-thumbnails, and at the end ``heads.json`` and ``summary.json``.
+Run directory (``out_dir``, format in :mod:`headpag.search.run_dir`): the settings (the model's weights
+fingerprint and dtype, the pipeline arguments, the objective, ...; a directory written with other settings is
+refused, naming what differs), one fsynced record per finished evaluation, bound to those settings (a rerun skips
+everything recorded under its own settings and refuses records of others), round-1 thumbnails, and at the end
+``heads.json`` and ``summary.json``. A hunt holds the directory's lock of its rank: a second hunt on it fails at
+once.
+
+A patch the caller had enabled on the pipeline (``enable_fused`` / ``enable_eager``, its settings and row heads) is
+given back when the search ends, also when it fails.
 
 Distributed: under ``torchrun`` (``torch.distributed`` initialised from the environment) the candidates of each
 round are sharded over the ranks; every rank writes its own records; rank 0 merges and picks, and the choice is
@@ -26,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -35,6 +42,7 @@ import torch
 
 from ..archs import call_pattern_of, get_denoiser, list_layers
 from ..guided import EXECUTIONS, disable, enable, set_row_heads
+from ..guided.session import attach, sessions_of
 from ..guided.settings import check_scale
 from ..heads import HeadSet
 from ..kernels import MODES
@@ -94,7 +102,7 @@ def _as_tensor_images(images) -> torch.Tensor:
 
 class _Hunter:
     def __init__(self, pipe, objective, prompts, seeds, scale, u, mode, guidance_scale, num_inference_steps,
-                 batch_size, encode, out_dir, rank, world, verbose, pipeline_kwargs):
+                 batch_size, encode, out_dir, rank, world, verbose, pipeline_kwargs, settings_id=None):
         self.pipe = pipe
         self.objective = objective
         self.prompts = list(prompts)
@@ -112,7 +120,8 @@ class _Hunter:
         self.images_generated = 0
         self.generate_seconds = 0.0
         self.score_seconds = 0.0
-        self.records = runs.RecordWriter(out_dir, rank) if out_dir is not None else None
+        self.settings_id = settings_id
+        self.records = runs.RecordWriter(out_dir, rank, settings_id) if out_dir is not None else None
 
     def record(self, entry: dict) -> None:
         if self.records is not None:
@@ -195,7 +204,7 @@ class _Hunter:
                 scores[head].update(new)
             _barrier()
             if self.world > 1:
-                scores.update(runs.merged_scores(self.out_dir, round_, state, scores))
+                scores.update(runs.merged_scores(self.out_dir, round_, state, scores, self.settings_id))
         return survivors
 
 
@@ -278,9 +287,12 @@ def hunt(
         pipeline_kwargs: further keyword arguments of every pipeline call (height, width, ...).
         execution: "fused" (batched twins, the point of headpag) or "eager" (a separate perturbed forward with
             materialised maps; with ``batch_size=1`` this is the paper's one-candidate-at-a-time baseline).
-    """
-    from tqdm.auto import tqdm
 
+    Raises:
+        ValueError: a bad argument; a run directory written with other settings (naming what differs), of another
+            format version, or holding an invalid record (naming the file and line).
+        RunDirectoryBusy: (a ``RuntimeError``) another hunt holds ``out_dir`` (the same rank).
+    """
     prompts, seeds = list(prompts), list(seeds)
     _check_arguments(objective, prompts, seeds, k, rounds, scale, u, mode, guidance_scale, num_inference_steps,
                      batch_size, strategy, execution)
@@ -297,24 +309,64 @@ def hunt(
     if world > 1 and out_dir is None:
         raise ValueError("a distributed hunt needs out_dir: the ranks exchange their records through it")
     run_dir = Path(out_dir) if out_dir is not None else None
-    settings = runs.settings_record(pipe, prompts, seeds, k, rounds, pool, list(init_set) if init_set else [], scale,
-                                    u, mode, guidance_scale, num_inference_steps, strategy, objective)
-    recorded: dict[tuple[int, str, Head], dict[int, float]] = {}
-    if run_dir is not None:
-        runs.prepare(run_dir, settings, rank)
-        _barrier()
-        recorded = _recorded_scores(run_dir)
+    user_patch = _user_patch(pipe)
+    lock = None
+    try:
+        recorded: dict[tuple[int, str, Head], dict[int, float]] = {}
+        settings_id = None
+        if run_dir is not None:
+            settings = runs.settings_record(
+                pipe, prompts, seeds, k, rounds, pool, list(init_set) if init_set else [], scale, u, mode,
+                guidance_scale, num_inference_steps, strategy, objective, pipeline_kwargs, execution, encode)
+            settings_id = runs.settings_id(settings)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = runs.RunLock(run_dir, rank).acquire()
+            runs.check_settings(run_dir, settings)  # before anything is changed in the directory
+            runs.repair_records(run_dir, rank)
+            recorded = _recorded_scores(run_dir, settings_id)
+            runs.prepare(run_dir, settings, rank)
+            _barrier()
+
+        result = _search(pipe, objective, prompts, seeds, k, rounds, pool, selected, scale, u, mode, guidance_scale,
+                         num_inference_steps, batch_size, strategy, verbose, encode, pipeline_kwargs, execution,
+                         run_dir, rank, world, recorded, settings_id)
+        if run_dir is not None and rank == 0:
+            runs.write_results(run_dir, result.heads, runs.summary_record(result), model=pipe)
+    except BaseException:
+        try:
+            _restore_patch(user_patch)
+        except Exception as err:  # the search's own error is the one to see
+            warnings.warn(f"headpag.hunt could not give back the patch enabled on the pipeline before the search: "
+                          f"{err}", stacklevel=2)
+        if lock is not None:
+            lock.release()
+        raise
+    try:
+        _restore_patch(user_patch)
+    finally:
+        if lock is not None:
+            lock.release()
+    return result
+
+
+def _search(pipe, objective, prompts, seeds, k, rounds, pool, selected, scale, u, mode, guidance_scale,
+            num_inference_steps, batch_size, strategy, verbose, encode, pipeline_kwargs, execution, run_dir, rank,
+            world, recorded, settings_id) -> HuntResult:
+    """The rounds of :func:`hunt` on a prepared run directory (or none): patches ``pipe`` for the search and
+    removes the patch at the end, also on error."""
+    from tqdm.auto import tqdm
 
     base = HeadSet([pool[0]])
     enable(pipe, base, execution=execution, scale=scale, mode=mode)
-    hunter = _Hunter(pipe, objective, prompts, seeds, scale, u, mode, guidance_scale, num_inference_steps,
-                     _auto_batch_size(pipe, len(pool) * len(prompts) * len(seeds)) if batch_size == "auto" else batch_size,
-                     encode, run_dir, rank, world, verbose, pipeline_kwargs)
-    n_pairs = len(hunter.pairs)
+    hunter = None
     results: list[RoundResult] = []
     images_exact = 0
     start = time.perf_counter()
     try:
+        hunter = _Hunter(pipe, objective, prompts, seeds, scale, u, mode, guidance_scale, num_inference_steps,
+                         _auto_batch_size(pipe, len(pool) * len(prompts) * len(seeds)) if batch_size == "auto"
+                         else batch_size, encode, run_dir, rank, world, verbose, pipeline_kwargs, settings_id)
+        n_pairs = len(hunter.pairs)
         for round_ in range(1, rounds + 1):
             remaining = [h for h in pool if h not in selected]
             images_exact += len(remaining) * n_pairs
@@ -329,18 +381,45 @@ def hunt(
             for head in added:
                 selected[head] = u
     finally:
-        hunter.close()
+        if hunter is not None:
+            hunter.close()
         disable(pipe)
     elapsed = time.perf_counter() - start
     heads = HeadSet([(l, h, c) for (l, h), c in sorted(selected.items())])
-    result = HuntResult(
+    return HuntResult(
         heads, results,
         {"total": elapsed, "generate": hunter.generate_seconds, "score": hunter.score_seconds},
         hunter.images_generated, images_exact,
     )
-    if run_dir is not None and rank == 0:
-        runs.write_results(run_dir, heads, runs.summary_record(result), model=pipe)
-    return result
+
+
+def _user_patch(pipe):
+    """The headpag patch ``pipe`` carries before the search, to give back after it: ``(pipeline it was enabled on,
+    execution, settings and row heads per denoiser)``, or None when there is none. (A pipeline sharing its
+    denoiser with the one the patch was enabled on carries that pipeline's patch: it is given back to that one.)"""
+    current = [session for _, session in sessions_of(pipe) if session is not None]
+    if not current:
+        return None
+    owner = current[0].pipe_ref()
+    owner = pipe if owner is None else owner
+    sessions = [session for _, session in sessions_of(owner)]
+    if any(session is None for session in sessions):
+        warnings.warn("the pipeline carries a headpag patch on some of its denoisers only (was one replaced after "
+                      "enabling?): headpag.hunt removes it and cannot give it back; call headpag.enable again after "
+                      "the search", stacklevel=3)
+        return None
+    return (owner, "fused" if sessions[0].fused else "eager", [s.settings for s in sessions],
+            [s.row_heads for s in sessions])
+
+
+def _restore_patch(patch) -> None:
+    """Enables again what :func:`_user_patch` saw (same execution, settings and row heads on every denoiser)."""
+    if patch is None:
+        return
+    owner, execution, settings, row_heads = patch
+    for session, s, rows in zip(attach(owner, execution, settings), settings, row_heads):
+        if rows is not None:
+            session.select(s, rows)
 
 
 def _stages(n_candidates: int, k: int, n_pairs: int) -> list[tuple[int, int]]:
@@ -389,10 +468,11 @@ def _check_arguments(objective, prompts, seeds, k, rounds, scale, u, mode, guida
         raise ValueError(f"batch_size must be 'auto' or an int >= 1, got {batch_size!r}")
 
 
-def _recorded_scores(run_dir: Path) -> dict[tuple[int, str, Head], dict[int, float]]:
-    """``{(round, state key, candidate): {pair: score}}`` of every record in the run directory (what a rerun skips)."""
+def _recorded_scores(run_dir: Path, settings_id: str) -> dict[tuple[int, str, Head], dict[int, float]]:
+    """``{(round, state key, candidate): {pair: score}}`` of every record in the run directory (what a rerun skips);
+    every record is validated and must carry ``settings_id`` (records of other settings are refused)."""
     recorded: dict[tuple[int, str, Head], dict[int, float]] = {}
-    for rec in runs.read_records(run_dir):
+    for rec in runs.read_records(run_dir, settings_id):
         key = (rec["round"], runs.state_key([tuple(h) for h in rec["selected"]]), tuple(rec["candidate"]))
         recorded.setdefault(key, {}).update(dict(zip(rec["pairs"], rec["scores"])))
     return recorded

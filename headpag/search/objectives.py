@@ -8,7 +8,9 @@ An objective is any callable ``objective(images, prompts) -> scores``:
 
 Built in: :class:`PickScore`, :class:`ClipScore` and :class:`Weighted` (a weighted sum of objectives);
 :func:`get_objective` maps the names ``"pickscore"`` and ``"clip"`` to them. :func:`check_scores` validates what
-an objective returned.
+an objective returned. :func:`objective_identity` is what a HeadHunter run directory records of an objective (a
+resume under another identity is refused): an objective's ``identity()`` method or ``name`` attribute, else its
+module and name; give a callable a ``name`` when variants of it (other parameters) score differently.
 
 Models load with ``transformers`` ``from_pretrained``; every id may be a hub id or a local directory. A model that
 cannot be loaded (no network and not cached, wrong id, directory without the files) raises
@@ -34,6 +36,7 @@ __all__ = [
     "Weighted",
     "check_scores",
     "get_objective",
+    "objective_identity",
 ]
 
 #: ``(images (B, 3, H, W) in [0, 1], prompts: B strings) -> B scores``.
@@ -149,6 +152,11 @@ class _ClipObjective:
         return (f"{type(self).__name__}(model={self.model_name!r}, processor={self.processor_name!r}, "
                 f"device={str(self.device)!r}, dtype={self.dtype})")
 
+    def identity(self) -> str:
+        """What determines the scores: the class, model, processor and dtype (not the device)."""
+        return (f"{type(self).__name__}(model={self.model_name!r}, processor={self.processor_name!r}, "
+                f"dtype={self.dtype})")
+
 
 class PickScore(_ClipObjective):
     """PickScore (Kirstain et al. 2023): ``logit_scale.exp() * cos(image_emb, text_emb)`` per (image, prompt) pair,
@@ -227,6 +235,10 @@ class Weighted:
     def __repr__(self) -> str:
         return "Weighted({" + ", ".join(f"{n!r}: ({w}, {o!r})" for n, w, o in self.terms) + "})"
 
+    def identity(self) -> str:
+        """Every term's name, weight and :func:`objective_identity`."""
+        return "Weighted({" + ", ".join(f"{n!r}: ({w!r}, {objective_identity(o)})" for n, w, o in self.terms) + "})"
+
 
 #: Names accepted by :func:`get_objective`.
 OBJECTIVES: dict[str, type] = {"pickscore": PickScore, "clip": ClipScore}
@@ -254,6 +266,21 @@ def get_objective(name_or_callable: str | Objective, **kwargs) -> Objective:
         return name_or_callable
     raise TypeError(f"objective must be one of the names {allowed} or a callable (images, prompts) -> scores, "
                     f"got {type(name_or_callable).__name__}")
+
+
+def objective_identity(objective: Any) -> str:
+    """A string that names what an objective computes, as a HeadHunter run directory records it: the objective's
+    ``identity()`` (the built-ins: class, model ids and dtype; :class:`Weighted`: its terms and weights), else its
+    ``name`` attribute, else ``module.name`` of a function, else ``module.Class`` of a callable object."""
+    identity = getattr(objective, "identity", None)
+    if callable(identity):
+        return str(identity())
+    name = getattr(objective, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    if hasattr(objective, "__name__"):
+        return f"{getattr(objective, '__module__', None)}.{objective.__name__}"
+    return f"{type(objective).__module__}.{type(objective).__qualname__}"
 
 
 def check_scores(scores: Any, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

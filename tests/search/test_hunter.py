@@ -21,28 +21,12 @@ import headpag
 from headpag.search import hunt
 from headpag.search.run_dir import read_records
 from support import models
+from support.hunting import PROMPTS, brightness, encode
 
-PROMPTS = ["a cat", "a dog"]
 SEEDS = (0, 1)
 # Batched vs single-row generation: float32 sums in another order.
 SCORE_TOL = 1e-5
 
-
-def _embeddings():
-    g = torch.Generator().manual_seed(123)
-    return {p: (torch.randn(1, models.TEXT_LEN, 32, generator=g), torch.randn(1, 16, generator=g)) for p in PROMPTS}
-
-
-EMBEDS = _embeddings()
-
-
-def encode(texts):
-    return {"prompt_embeds": torch.cat([EMBEDS[t][0] for t in texts]),
-            "pooled_prompt_embeds": torch.cat([EMBEDS[t][1] for t in texts])}
-
-
-def brightness(images, prompts):
-    return images.mean(dim=(1, 2, 3))
 
 
 COMMON = dict(seeds=SEEDS, num_inference_steps=2, encode=encode, pipeline_kwargs=dict(height=16, width=16), verbose=False)
@@ -102,15 +86,16 @@ def test_resume_after_an_interrupted_run(pipe, tmp_path):
             raise KeyboardInterrupt
         return brightness(images, prompts)
 
-    interrupted.__name__ = brightness.__name__  # the same objective, as far as the run directory is concerned
+    interrupted.__name__, interrupted.__module__ = brightness.__name__, brightness.__module__  # the same objective
     with pytest.raises(KeyboardInterrupt):
         hunt(pipe, interrupted, PROMPTS, **kw)
     done = read_records(tmp_path)
     assert done, "nothing was recorded before the interruption"
-    # A half-written last line (a crash mid-write) is ignored.
+    # A half-written last line (a crash mid-write) is cut, with a warning.
     with open(tmp_path / "records-rank0.jsonl", "a") as f:
         f.write('{"round": 1, "candid')
-    resumed = hunt(pipe, brightness, PROMPTS, **kw)
+    with pytest.warns(UserWarning, match="cut an incomplete record"):
+        resumed = hunt(pipe, brightness, PROMPTS, **kw)
     fresh = hunt(pipe, brightness, PROMPTS, **{**kw, "out_dir": tmp_path / "fresh"})
     assert resumed.heads == fresh.heads
     assert resumed.images_generated == fresh.images_generated - len(done) * len(PROMPTS) * len(SEEDS)
