@@ -49,8 +49,13 @@ class CondRecord:
         """The unmoved cond rows when ``noise_pred_text`` is this record's moved cond rows (or their leading
         channels: a learned-sigma model's prediction without its variance channels, HunyuanDiT), else None."""
         moved, cond = self.moved, self.cond
-        if moved is None or moved.dtype != noise_pred_text.dtype or moved.device != noise_pred_text.device:
+        if moved is None or moved.device != noise_pred_text.device:
             return None
+        if moved.dtype != noise_pred_text.dtype:  # a loop that casts the prediction up first (LTX-Video's .float())
+            if not (moved.is_floating_point() and noise_pred_text.is_floating_point()
+                    and torch.finfo(noise_pred_text.dtype).bits > torch.finfo(moved.dtype).bits):
+                return None
+            moved, cond = moved.to(noise_pred_text.dtype), cond.to(noise_pred_text.dtype)
         if moved.dim() >= 2 and moved.shape != noise_pred_text.shape:
             channels = noise_pred_text.shape[1] if noise_pred_text.dim() == moved.dim() else None
             if channels is None or moved.shape[1] <= channels or moved.shape[2:] != noise_pred_text.shape[2:]:

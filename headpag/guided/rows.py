@@ -107,11 +107,21 @@ def first_tensor(value: Any) -> torch.Tensor:
 
 
 def replace_sample(value: Any, sample: torch.Tensor) -> Any:
-    """``value`` (tuple or ``*Output``) with its sample replaced (as a list of per-row tensors where it was one)."""
-    if isinstance(_sample(value), list):
+    """``value`` (tuple or ``*Output``) with its sample replaced (as a list of per-row tensors where it was one).
+
+    Every other per-row tensor of ``value`` (LTX-2's audio prediction) is narrowed to the replacement's rows, the first
+    ones: a fused call's base rows (its twins come after them)."""
+    old = _sample(value)
+    n_old = len(old) if isinstance(old, list) else old.shape[0]
+    n_new = sample.shape[0]
+
+    def narrow(v: Any) -> Any:
+        return v if n_new == n_old else map_rows(v, n_old, lambda t: t[:n_new])
+
+    if isinstance(old, list):
         sample = list(sample.unbind(0))
     if isinstance(value, tuple):
-        return (sample, *value[1:])
+        return (sample, *narrow(value[1:]))
     if isinstance(value, list):
-        return [sample, *value[1:]]
-    return type(value)(sample=sample)
+        return [sample, *narrow(value[1:])]
+    return type(value)(**{**{k: narrow(v) for k, v in value.items()}, "sample": sample})
