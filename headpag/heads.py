@@ -9,6 +9,8 @@ Accepted inputs (``HeadSet(x)`` / ``HeadSet.from_any(x)``):
 - a string ``"12:3"``, ``"12:3@0.5"``, ``"12:*"`` (every head of layer 12), ``"12:*@0.5"``, or a comma-separated list
   of those (``"12:3, 12:5@0.5, 20:*"``); the empty string is the empty set;
 - an iterable of ``(layer, head)`` / ``(layer, head, u)`` tuples (or of such strings); ``head`` may be ``"*"``;
+  numpy and torch integers count as ints, and the rows of a 2-D integer array or tensor (``np.argwhere(mask)``)
+  as tuples; bytes are refused (decode them first);
 - a dict ``{layer: [heads]}`` or ``{layer: {head: u}}`` (or ``{layer: "*"}``);
 - an existing HeadSet.
 
@@ -62,11 +64,17 @@ class _Shape(NamedTuple):
 Target = Any  # a model or pipeline, its list_layers() output, or a list of heads per layer
 
 
+def _is_bool(x: Any) -> bool:
+    """A Python, numpy or torch boolean (refused where a number is expected, although they convert to one)."""
+    return isinstance(x, bool) or str(getattr(x, "dtype", "")) in ("bool", "torch.bool")
+
+
 def _index(x: Any, what: str, where: str) -> int:
-    """A non-negative int from an int-like (or a string of digits, as JSON dict keys are)."""
+    """A non-negative int from an int-like (Python, numpy or 0-d tensor integers; a string of digits, as JSON dict
+    keys are)."""
     if isinstance(x, str) and x.strip().isdigit():
         return int(x)
-    if isinstance(x, bool):
+    if _is_bool(x):
         raise ValueError(f"{what} {x!r} in {where}: expected a non-negative integer")
     try:
         i = operator.index(x)
@@ -77,19 +85,30 @@ def _index(x: Any, what: str, where: str) -> int:
     return i
 
 
-def _coef(u: Any, where: str) -> float:
-    """``u`` as a float in [0, 1]; NaN, infinities, out-of-range values and non-numbers raise ValueError."""
-    if isinstance(u, bool):
-        raise ValueError(f"u={u!r} for {where}: expected a number in [0, 1]")
+def _coef(u: Any, where: str | None = None) -> float:
+    """``u`` as a float in [0, 1]; NaN, infinities, out-of-range values and non-numbers raise ValueError naming the
+    entry ``where`` (when given)."""
+    of = f" for {where}" if where else ""
+    if _is_bool(u):
+        raise ValueError(f"u={u!r}{of}: expected a number in [0, 1]")
     try:
         f = float(u)
     except (TypeError, ValueError):
-        raise ValueError(f"u={u!r} for {where}: expected a number in [0, 1]") from None
+        raise ValueError(f"u={u!r}{of}: expected a number in [0, 1]") from None
     if math.isnan(f):
-        raise ValueError(f"u is NaN for {where}: expected a number in [0, 1]")
+        raise ValueError(f"u is NaN{of}: expected a number in [0, 1]")
     if not 0.0 <= f <= 1.0:
-        raise ValueError(f"u={f!r} for {where} is outside the allowed range [0, 1]")
+        raise ValueError(f"u={f!r}{of} is outside the allowed range [0, 1]")
     return f
+
+
+_BYTES = (bytes, bytearray, memoryview)
+
+
+def _refuse_bytes(spec: Any) -> None:
+    if isinstance(spec, _BYTES):
+        raise TypeError(f"cannot build a HeadSet from bytes-like {type(spec).__name__}: decode it to a str first, e.g. "
+                        f"HeadSet(data.decode())")
 
 
 def _label(layer: Any, head: Any) -> str:
@@ -146,6 +165,7 @@ class _Builder:
     def add_any(self, spec: Any) -> None:
         if spec is None:
             return
+        _refuse_bytes(spec)
         if isinstance(spec, HeadSet):
             for layer, u in spec._wild.items():
                 self.add(layer, _WILD, u)
@@ -170,6 +190,9 @@ class _Builder:
                     )
         elif isinstance(spec, Iterable):
             for item in spec:
+                _refuse_bytes(item)
+                if getattr(item, "ndim", None) == 1 and hasattr(item, "tolist"):
+                    item = tuple(item.tolist())  # a row of a numpy array or tensor (e.g. np.argwhere's): Python ints
                 if isinstance(item, str):
                     self.add_string(item)
                 elif isinstance(item, (tuple, list)) and len(item) in (2, 3):
@@ -322,7 +345,7 @@ class HeadSet:
 
     def with_u(self, u: float) -> HeadSet:
         """The same heads, every ``u`` (wildcards included) replaced by ``u``."""
-        u = _coef(u, "with_u")
+        u = _coef(u)
         return HeadSet._make({layer: dict.fromkeys(h, u) for layer, h in self._heads.items()},
                              dict.fromkeys(self._wild, u), self._shape)
 
@@ -455,6 +478,8 @@ class HeadSet:
                 data = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{os.fspath(path)} is not a headpag HeadSet file: {e}") from None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{os.fspath(path)} is not a headpag HeadSet file: not UTF-8 text ({e})") from None
         return cls.from_dict(data, model, source=os.fspath(path))
 
 

@@ -62,12 +62,15 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
         return "triton" if HAS_TRITON and q.device.type == "cuda" else "torch"
     if backend == "triton" and not HAS_TRITON:
         raise ValueError("backend='triton' needs the triton package (pip install 'headpag[triton]'); use backend='torch' or 'auto'")
+    if backend == "triton":
+        triton_kernel.check_interpreter_dtype(q.dtype)  # bf16 under TRITON_INTERPRET=1: refused, not wrong
     return backend
 
 
 def _check_call(q, k, v, layout, mode, n_text, text_first, scale, backend):
-    """Checks everything but ``u`` and ``plan``; returns (logical shape, softmax scale, resolved backend)."""
-    return (*check_call(q, k, v, layout, mode, n_text, text_first, scale), resolve_backend(backend, q))
+    """Checks everything but ``u`` and ``plan``; returns (logical shape, softmax scale, resolved backend, n_text as
+    a Python int)."""
+    return (*check_call(q, k, v, layout, mode, n_text, text_first, scale), resolve_backend(backend, q), int(n_text))
 
 
 def perturbed_attention(
@@ -98,7 +101,7 @@ def perturbed_attention(
     Returns:
         A tensor with q's layout, shape and dtype (contiguous).
     """
-    shape, scale, backend = _check_call(q, k, v, layout, mode, n_text, text_first, scale, backend)
+    shape, scale, backend, n_text = _check_call(q, k, v, layout, mode, n_text, text_first, scale, backend)
     u_t, u_host = prepare_u(u, shape.B, shape.H, q.device)
     codes = resolve_codes(u_t, plan, u_host)
     return torch.ops.headpag.perturbed_attention(
@@ -118,7 +121,7 @@ def perturbed_attention_from_plan(
     lists of ints broadcastable to ``(B, H)``); shapes, dtype, device and codes are checked (host metadata only),
     the agreement of ``plan`` with ``u``'s values is the caller's promise.
     """
-    shape, scale, backend = _check_call(q, k, v, layout, mode, n_text, text_first, scale, backend)
+    shape, scale, backend, n_text = _check_call(q, k, v, layout, mode, n_text, text_first, scale, backend)
     if not isinstance(u, torch.Tensor) or u.dtype != torch.float32 or tuple(u.shape) != (shape.B, shape.H) or u.device != q.device:
         got = f"{tuple(u.shape)} {u.dtype} on {u.device}" if isinstance(u, torch.Tensor) else repr(u)
         raise ValueError(f"u must be a float32 (B, H) = ({shape.B}, {shape.H}) tensor on {q.device}, got {got}")

@@ -1,7 +1,8 @@
 """The fused perturbed-attention forward kernel (Triton) and its launcher.
 
-One launch covers every (batch row, head) pair; each program handles ``BLOCK_M`` query rows of one pair and
-loads that pair's coefficient ``u``:
+One launch covers every (batch row, head) pair (up to 65535 of them, CUDA's limit on grid axis 1; more are
+launched in chunks of whole batch rows, :func:`launch_plan`); each program handles ``BLOCK_M`` query rows of one
+pair and loads that pair's coefficient ``u``:
 
 - joint mode: ``out = (1-u) * softmax(q k^T) v + u * v``. A pair with ``u == 1`` visits no key block (its
   loop bound is 0) and writes ``v``; ``u == 0`` never loads the identity term.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -266,6 +268,65 @@ def _perturbed_attention_fwd(
         tl.store(VISITS + pid_bh * tl.num_programs(0) + pid_m, visits)
 
 
+#: CUDA's grid limits: axis 0 up to 2**31 - 1 programs, axes 1 and 2 up to 65535.
+MAX_GRID_X = 2**31 - 1
+MAX_GRID_YZ = 65535
+
+
+class Chunk(NamedTuple):
+    """The (batch row, head) pairs ``[b0, b1) x [h0, h1)`` of one launch and its grid ``(query blocks, pairs)``."""
+
+    b0: int
+    b1: int
+    h0: int
+    h1: int
+    grid: tuple[int, int]
+
+
+def launch_plan(B: int, H: int, N: int, block_m: int, max_pairs: int | None = None) -> list[Chunk]:
+    """The launches of one call: the kernel's grid is (query blocks, pairs), and grid axis 1 holds at most
+    ``max_pairs`` (CUDA: 65535) pairs, so a call with more (batch row, head) pairs runs in chunks, each of whole
+    batch rows (of head ranges when one row has more heads than that). One chunk, the whole call, when it fits.
+    Raises ``ValueError`` when the query blocks exceed grid axis 0 (2**31 - 1)."""
+    max_pairs = MAX_GRID_YZ if max_pairs is None else max_pairs
+    n_blocks = triton.cdiv(N, block_m)
+    if n_blocks > MAX_GRID_X:
+        raise ValueError(f"sequence too long for one launch: cdiv(N, BLOCK_M) = {n_blocks} query blocks > 2**31 - 1")
+    if B * H <= max_pairs:
+        return [Chunk(0, B, 0, H, (n_blocks, B * H))]
+    if H > max_pairs:  # more heads than one launch takes: head ranges of one row at a time
+        return [Chunk(b, b + 1, h0, min(H, h0 + max_pairs), (n_blocks, min(H, h0 + max_pairs) - h0))
+                for b in range(B) for h0 in range(0, H, max_pairs)]
+    rows = max_pairs // H
+    return [Chunk(b0, min(B, b0 + rows), 0, H, (n_blocks, (min(B, b0 + rows) - b0) * H)) for b0 in range(0, B, rows)]
+
+
+def _pairs(t: torch.Tensor, layout: str, chunk: Chunk) -> torch.Tensor:
+    """The view of a q/k/v/out tensor holding the pairs of ``chunk`` (the same strides, an offset pointer)."""
+    t = t[chunk.b0:chunk.b1]
+    return t[:, chunk.h0:chunk.h1] if layout == "bhnd" else t[:, :, chunk.h0:chunk.h1]
+
+
+def _bias_pairs(bias: torch.Tensor | None, chunk: Chunk) -> torch.Tensor | None:
+    """The bias of ``chunk``'s pairs; a broadcast (size-1) batch or head dim is kept as is."""
+    if bias is None:
+        return None
+    rows = slice(chunk.b0, chunk.b1) if bias.shape[0] > 1 else slice(None)
+    heads = slice(chunk.h0, chunk.h1) if bias.shape[1] > 1 else slice(None)
+    return bias[rows, heads]
+
+
+def check_interpreter_dtype(dtype: torch.dtype) -> None:
+    """Refuses bfloat16 under ``TRITON_INTERPRET=1``: the interpreter's bf16 ``tl.dot`` returns wrong values (around
+    1e8 for unit inputs) without an error. bf16 kernel numerics are tested on GPUs only."""
+    if dtype == torch.bfloat16 and interpreting():
+        raise TypeError(
+            "backend='triton' under TRITON_INTERPRET=1 (Triton's CPU interpreter) does not support bfloat16: the "
+            "interpreter's bf16 tl.dot returns wrong values; use backend='torch' (or 'auto') for bfloat16 on CPU, "
+            "float16 / float32 under the interpreter, or a GPU"
+        )
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -364,6 +425,7 @@ def triton_perturbed_attention(
     """
     if q.dtype == torch.float64:
         raise TypeError("the Triton kernel supports q.dtype float16, bfloat16 or float32, got float64; use backend='torch'")
+    check_interpreter_dtype(q.dtype)
     if q.device.type != "cuda" and not interpreting():
         raise ValueError(
             f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before importing "
@@ -379,28 +441,38 @@ def triton_perturbed_attention(
     strides = (*_strides_bhn(q, layout), *_strides_bhn(k, layout), *_strides_bhn(v, layout), *_strides_bhn(out, layout))
     common = dict(HEAD_DIM=D, BLOCK_D=block_d, IMAGE_MODE=image_mode, INPUT_PRECISION=input_precision(q.dtype),
                   STRIDE_MULTIPLE=stride_multiple(strides), BIAS_KIND=bias_kind(bias))
-    bias_arg = u if bias is None else bias  # any float32 pointer when there is no bias: never read
-    args = (
-        *strides,
-        u.stride(0), u.stride(1),
-        *_bias_strides(bias),
-        H, N, text_lo, text_hi, scale * LOG2E,
-    )
+    bias_strides = _bias_strides(bias)
+
+    def launch(kernel, chunk: Chunk, visits, **config):
+        """One launch over ``chunk``'s pairs: views of the same tensors (same strides, offset pointers)."""
+        c_bias = _bias_pairs(bias, chunk)
+        c_u = u[chunk.b0:chunk.b1, chunk.h0:chunk.h1]
+        kernel(
+            *(_pairs(t, layout, chunk) for t in (q, k, v)), c_u, _pairs(out, layout, chunk), visits,
+            c_u if c_bias is None else c_bias,  # any float32 pointer when there is no bias: never read
+            *strides, u.stride(0), u.stride(1), *bias_strides,
+            chunk.h1 - chunk.h0, N, text_lo, text_hi, scale * LOG2E, **config, **common,
+        )
+
     if interpreting():
         cfg = INTERPRETER_CONFIG
         n_blocks = triton.cdiv(N, cfg.BLOCK_M)
         visits = torch.zeros((B, H, n_blocks), dtype=torch.int32, device=q.device) if count_visits else out
-        _perturbed_attention_fwd[(n_blocks, B * H)](
-            q, k, v, u, out, visits, bias_arg, *args,
-            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, COUNT_VISITS=count_visits, **common,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        for chunk in launch_plan(B, H, N, cfg.BLOCK_M):
+            # the kernel writes visit counts of its pairs contiguously: (pairs, query blocks)
+            c_visits = (torch.zeros((chunk.b1 - chunk.b0, chunk.h1 - chunk.h0, n_blocks), dtype=torch.int32,
+                                    device=q.device) if count_visits else out)
+            launch(_perturbed_attention_fwd[chunk.grid], chunk, c_visits, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+                   COUNT_VISITS=count_visits, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            if count_visits:
+                visits[chunk.b0:chunk.b1, chunk.h0:chunk.h1] = c_visits
         return (out, visits) if count_visits else out
     if count_visits:
         raise ValueError("count_visits is a debug mode of the interpreter (TRITON_INTERPRET=1) only")
     major, minor = torch.cuda.get_device_capability(q.device)
     arch = major * 10 + minor
     kernel = _autotuned_kernel(arch, block_d, mode, common["BIAS_KIND"])
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
-    kernel[grid](q, k, v, u, out, out, bias_arg, *args, COUNT_VISITS=False, **common)
+    for chunk in launch_plan(B, H, N, 1):  # the chunks do not depend on BLOCK_M (the grid's axis 0 does)
+        grid = lambda meta, pairs=chunk.grid[1]: (triton.cdiv(N, meta["BLOCK_M"]), pairs)  # noqa: E731
+        launch(kernel[grid], chunk, out, COUNT_VISITS=False)
     return out

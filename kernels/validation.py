@@ -95,7 +95,7 @@ def check_mode(mode: str, n_text: int, text_first: bool, N: int) -> None:
     """Checks the identity-map mode and, for ``mode="image"``, the text-token split."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if isinstance(n_text, bool) or not isinstance(n_text, int):
+    if isinstance(n_text, bool) or not isinstance(n_text, Integral):  # Python or numpy ints; callers take int(n_text)
         raise TypeError(f"n_text must be an int in [0, N={N}], got {n_text!r}")
     if not 0 <= n_text <= N:
         raise ValueError(f"n_text must be in [0, N={N}], got {n_text}")
@@ -146,6 +146,9 @@ def prepare_u(u: UType, B: int, H: int, device: torch.device) -> tuple[torch.Ten
     except RuntimeError as err:
         raise ValueError(f"u must broadcast to (B, H) = ({B}, {H}), e.g. shape (), ({H},) or ({B}, {H}); got shape {tuple(u_t.shape)}") from err
     device = torch.device(device)
+    if u_t.device.type == "meta" and device.type != "meta":
+        raise ValueError(f"u is on the meta device but q, k, v are on {device}: u's values are needed there; pass u "
+                         f"on {device} (or as numbers), or q, k, v on the meta device too")
     host = None
     if u_t.device.type != "meta" and not torch.compiler.is_compiling():
         host = u_t.detach().to("cpu", torch.float64)

@@ -320,3 +320,49 @@ def test_load_rejects_bad_files(tmp_path):
                                 "layers": [{"index": 0, "name": "a", "heads": 2}], "entries": [[0, 2, 1.0]]}))
     with pytest.raises(ValueError, match=r"head 2 \(in 0:2\) out of range: layer 0 \(a\) has 2 heads"):
         HeadSet.load(path)
+
+
+# --- input types and messages (issue 13) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [b"1:2", bytearray(b"1:2"), memoryview(b"1:2"), [b"1:2"], [(0, 1), b"1:2"]])
+def test_bytes_are_refused_by_type(spec):
+    """Bytes iterate as ints: ``HeadSet(b'1:2')`` used to fail on "bad entry 49"."""
+    with pytest.raises(TypeError, match="bytes.*decode"):
+        HeadSet(spec)
+
+
+def test_numpy_integers_are_ints():
+    np = pytest.importorskip("numpy")
+    want = HeadSet("1:2,3:0")
+    assert HeadSet([(np.int64(1), np.uint8(2)), (np.int32(3), np.int16(0))]) == want
+    assert HeadSet({np.int64(1): [np.int64(2)], np.int8(3): np.array([0])}) == want
+    assert HeadSet(np.array([[1, 2], [3, 0]])) == want  # rows of an index array, e.g. np.argwhere(mask)
+    assert HeadSet([np.array([1, 2]), np.array([3, 0])]) == want
+    assert HeadSet(torch.tensor([[1, 2], [3, 0]])) == want
+    assert HeadSet([(np.int64(1), np.int64(2), np.float32(0.5))]) == HeadSet("1:2@0.5")
+    assert HeadSet("0:0").resolve([np.int64(4)]) == HeadSet("0:0")
+    with pytest.raises(ValueError, match="layer 1.0 .*non-negative integer"):
+        HeadSet(np.array([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match=r"u=.*True.* expected a number in \[0, 1\]"):
+        HeadSet([(1, 2, np.True_)])
+    with pytest.raises(ValueError, match="non-negative integer"):
+        HeadSet([(np.True_, 2)])
+    with pytest.raises(ValueError, match="bad entry"):
+        HeadSet(np.array([[1, 2, 3, 4]]))
+
+
+@pytest.mark.parametrize("u, pattern", [(2.0, r"^u=2.0 is outside the allowed range \[0, 1\]$"),
+                                        (math.nan, r"^u is NaN: expected a number in \[0, 1\]$"),
+                                        ("x", r"^u='x': expected a number in \[0, 1\]$")])
+def test_u_errors_do_not_name_an_internal_method(u, pattern):
+    """``enable(pipe, heads, u=2)`` reached the user as "u=2.0 for with_u is outside ..."."""
+    with pytest.raises(ValueError, match=pattern):
+        HeadSet("0:1").with_u(u)
+
+
+def test_a_non_utf8_file_is_named(tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'{"format": "headpag.HeadSet", "note": "caf\xe9"}')
+    with pytest.raises(ValueError, match=r"latin1\.json is not a headpag HeadSet file: not UTF-8 text"):
+        HeadSet.load(path)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,10 @@ from pathlib import Path
 from ..kernels import MODES
 
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+class CommandError(ValueError):
+    """A command's input is unusable (a file, directory, device or setting): printed as one line, exit status 2."""
 
 
 def _positive_int(text: str) -> int:
@@ -29,9 +34,127 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {value}")
+    return value
+
+
 def _batch_size(text: str):
     """argparse type: 'auto' or an int >= 1."""
     return "auto" if text == "auto" else _positive_int(text)
+
+
+def _number(text: str, expected: str, ok) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+    return value
+
+
+def _finite(text: str) -> float:
+    """argparse type: a finite number."""
+    return _number(text, "a finite number", lambda x: True)
+
+
+def _scale(text: str) -> float:
+    """argparse type: a finite number >= 0 (a PAG scale; 0 runs the plain pipeline)."""
+    return _number(text, "a finite number >= 0", lambda x: x >= 0)
+
+
+def _unit(text: str) -> float:
+    """argparse type: a number in [0, 1] (a head's coefficient u)."""
+    return _number(text, "a number in [0, 1]", lambda x: 0 <= x <= 1)
+
+
+def _open_unit(text: str) -> float:
+    """argparse type: a number in (0, 1) (the demo's SoftPAG coefficient)."""
+    return _number(text, "a number in (0, 1), exclusive", lambda x: 0 < x < 1)
+
+
+def check_output_dir(path: str | os.PathLike, option: str) -> Path:
+    """``path`` as a directory a command may write into: an existing writable directory, or one that can be created
+    (its nearest existing ancestor is a writable directory). Creates nothing; raises :class:`CommandError` naming
+    ``option``."""
+    if not os.fspath(path):
+        raise CommandError(f"{option} must not be empty (use '.' for the current directory)")
+    path = Path(path)
+    probe = path
+    while not probe.exists():
+        if probe.is_symlink():
+            raise CommandError(f"{option} {os.fspath(path)!r}: {os.fspath(probe)!r} is a dangling symbolic link")
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "" if probe == path else f" ({os.fspath(probe)!r} is a file)"
+        raise CommandError(f"{option} {os.fspath(path)!r}: not a directory{where}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "directory" if probe == path else f"parent directory {os.fspath(probe)!r}"
+        raise CommandError(f"{option} {os.fspath(path)!r}: the {what} is not writable")
+    return path
+
+
+def _check_output_file(path: str, option: str) -> None:
+    """An image file ``generate`` may write: a name with an extension PIL writes, in a writable or creatable
+    directory."""
+    from PIL import Image
+
+    if not path:
+        raise CommandError(f"{option} must not be empty")
+    target = Path(path)
+    if target.is_dir():
+        raise CommandError(f"{option} {path!r} is a directory; give an image file name such as out.png")
+    Image.init()
+    suffix = target.suffix.lower()
+    if suffix not in Image.registered_extensions() or Image.registered_extensions()[suffix] not in Image.SAVE:
+        raise CommandError(f"{option} {path!r}: needs an image file extension PIL writes, such as .png or .jpg")
+    check_output_dir(target.parent, option)
+
+
+def _check_device(device: str | None) -> None:
+    """A ``--device`` torch can parse and that this machine has."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise CommandError(f"--device {device!r} is not a torch device ({err})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CommandError(f"--device {device}: CUDA is not available on this machine "
+                               f"(torch.cuda.is_available() is False); use --device cpu or leave --device out")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CommandError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if callable(available) and not available():
+        raise CommandError(f"--device {device}: {dev.type} is not available on this machine")
+
+
+def _read_prompts(path: str) -> list[str]:
+    """The non-empty lines of ``--prompts``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CommandError(f"--prompts: file not found: {path}") from None
+    except UnicodeDecodeError as err:
+        raise CommandError(f"--prompts {path}: not UTF-8 text ({err})") from None
+    except OSError as err:
+        raise CommandError(f"--prompts {path}: cannot read it ({err.strerror or err})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise CommandError(f"--prompts {path} has no prompts (one per line)")
+    return prompts
 
 
 def _load_pipeline(model: str, device: str | None, dtype: str):
@@ -45,8 +168,9 @@ def _load_pipeline(model: str, device: str | None, dtype: str):
     try:
         pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype))
     except Exception as err:  # hub or file errors: say what failed and how to point at a local copy
-        raise SystemExit(f"headpag: cannot load pipeline {model!r} ({type(err).__name__}: {err}); pass --model a local "
-                         f"directory written by DiffusionPipeline.save_pretrained") from err
+        reason = " ".join(str(err).split())  # hub errors span lines
+        raise CommandError(f"cannot load pipeline {model!r} ({type(err).__name__}: {reason}); pass --model a local "
+                           f"directory written by DiffusionPipeline.save_pretrained") from err
     if device is None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     pipe.set_progress_bar_config(disable=True)
@@ -76,23 +200,61 @@ def _objective(args):
     return get_objective(args.objective, **kwargs)
 
 
-def _heads_arg(text: str | None):
-    from ..heads import HeadSet
+class _Heads:
+    """A head option (``--heads``, ``--init``, ``--candidates``): a head string or a HeadSet file (``*.json``, or any
+    existing file). Read when the command starts, so a missing file or a bad string fails before the model loads;
+    :meth:`for_model` then checks it against the loaded model before anything is sampled."""
 
-    if text is None:
-        return None
-    return HeadSet.load(text) if text.endswith(".json") and Path(text).exists() else HeadSet(text)
+    def __init__(self, text: str, option: str):
+        from ..heads import HeadSet
+
+        self.option, self.path = option, None
+        path = Path(text)
+        if text.endswith(".json") or path.is_file():
+            if not path.exists():
+                raise CommandError(f"{option}: file not found: {text}")
+            self.path = path
+            self.heads = self._read(lambda: HeadSet.load(path))
+        else:
+            self.heads = self._read(lambda: HeadSet(text))
+
+    def _read(self, load):
+        try:
+            return load()
+        except OSError as err:
+            raise CommandError(f"{self.option} {os.fspath(self.path)}: cannot read it ({err.strerror or err})") from None
+        except (ValueError, TypeError) as err:
+            raise CommandError(f"{self.option}: {err}") from None
+
+    def for_model(self, pipe):
+        """A file read against ``pipe`` (refused when written for another model class or shape); a string checked
+        against it (ranges) and returned as given (wildcards are expanded by the API)."""
+        from ..heads import HeadSet
+
+        if self.path is not None:
+            return self._read(lambda: HeadSet.load(self.path, pipe))
+        self._read(lambda: self.heads.resolve(pipe))
+        return self.heads
+
+
+def _heads_arg(text: str | None, option: str) -> _Heads | None:
+    return None if text is None else _Heads(text, option)
 
 
 def cmd_hunt(args) -> int:
     from ..search import hunt
 
+    prompts = _read_prompts(args.prompts)
+    check_output_dir(args.out, "--out")
+    _check_device(args.device)
+    candidates, init = _heads_arg(args.candidates, "--candidates"), _heads_arg(args.init, "--init")
     _init_distributed()
-    prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     pipe = _load_pipeline(args.model, args.device, args.dtype)
+    candidates = candidates and candidates.for_model(pipe)
+    init = init and init.for_model(pipe)
     result = hunt(
         pipe, _objective(args), prompts, seeds=args.seeds, k=args.k, rounds=args.rounds,
-        candidates=_heads_arg(args.candidates), init=_heads_arg(args.init), scale=args.scale, u=args.u, mode=args.mode,
+        candidates=candidates, init=init, scale=args.scale, u=args.u, mode=args.mode,
         guidance_scale=args.guidance_scale, num_inference_steps=args.steps, out_dir=args.out,
         batch_size=args.batch_size, strategy=args.strategy,
         verbose=not args.quiet,
@@ -108,10 +270,13 @@ def cmd_generate(args) -> int:
 
     from .. import disable, enable_fused
 
+    _check_output_file(args.output, "--output")
+    _check_device(args.device)
+    heads = _heads_arg(args.heads, "--heads")
     pipe = _load_pipeline(args.model, args.device, args.dtype)
-    heads = _heads_arg(args.heads)
     if heads is not None:  # enable_fused checks scale (negative or NaN refused; 0 runs the plain pipeline)
-        enable_fused(pipe, heads, scale=args.scale, u=args.u, mode=args.mode, adaptive_scale=args.adaptive_scale)
+        enable_fused(pipe, heads.for_model(pipe), scale=args.scale, u=args.u, mode=args.mode,
+                     adaptive_scale=args.adaptive_scale)
     kwargs = {"num_inference_steps": args.steps, "generator": torch.Generator("cpu").manual_seed(args.seed)}
     if args.guidance_scale is not None:
         kwargs["guidance_scale"] = args.guidance_scale
@@ -121,6 +286,7 @@ def cmd_generate(args) -> int:
         image = pipe(args.prompt, **kwargs).images[0]
     finally:
         disable(pipe)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     image.save(args.output)
     print(f"wrote {args.output}")
     return 0
@@ -129,6 +295,8 @@ def cmd_generate(args) -> int:
 def cmd_atlas(args) -> int:
     from ..search.atlas import make_atlas
 
+    if not Path(args.run_dir).is_dir():
+        raise CommandError(f"run directory not found: {args.run_dir}")
     for path in make_atlas(args.run_dir):
         print(f"wrote {path}")
     return 0
@@ -143,6 +311,7 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from .benchmarks.report import main as bench_main
 
+    check_output_dir(args.out, "--out")
     return bench_main(out_dir=args.out, sections=args.sections, quick=args.quick, rounds=args.rounds,
                       readme=args.readme)
 
@@ -150,8 +319,14 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .benchmarks import SECTIONS
 
-    parser = argparse.ArgumentParser(prog="headpag", description="Head-level perturbed-attention guidance for diffusers.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="headpag", description="Head-level perturbed-attention guidance for diffusers. "
+                                     "A command refuses unusable input before any work with one line on stderr and "
+                                     "exit status 2 (--debug: the traceback instead).")
+    # Every command takes --debug (after the command name, with its other options).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="on an error, raise it with its traceback instead of "
+                        "printing one line")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_subparser_class(common))
 
     def model_args(p):
         p.add_argument("--model", required=True, help="pipeline id or local directory (DiffusionPipeline.from_pretrained), "
@@ -159,10 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK when available, else cpu)")
         p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights dtype")
         p.add_argument("--steps", type=_positive_int, default=20, help="inference steps")
-        p.add_argument("--scale", type=float, default=3.0, help="PAG scale w")
+        p.add_argument("--scale", type=_scale, default=3.0, help="PAG scale w (a finite number >= 0)")
         p.add_argument("--mode", default="joint", choices=MODES, help="identity over the whole sequence or "
                        "over the image-image block only")
-        p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's; hunt: "
+        p.add_argument("--guidance-scale", type=_finite, default=None, help="CFG scale (default: the pipeline's; hunt: "
                        "CFG off as in the paper)")
 
     p = sub.add_parser("hunt", help="greedy head search (HeadHunter)")
@@ -175,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=_positive_int, default=3, help="heads added per round")
     p.add_argument("--rounds", type=_positive_int, default=1, help="rounds")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per prompt")
-    p.add_argument("--u", type=float, default=1.0, help="coefficient of a candidate head (SoftPAG when < 1)")
+    p.add_argument("--u", type=_unit, default=1.0, help="coefficient of a candidate head, in [0, 1] (SoftPAG when < 1)")
     p.add_argument("--candidates", default=None, help="heads to consider, e.g. '4:*,5:*' (default: all)")
     p.add_argument("--init", default=None, help="starting heads: a heads.json or a head string")
     p.add_argument("--batch-size", type=_batch_size, default="auto", help="jobs per pipeline call, or auto")
@@ -188,10 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample one image with head-level PAG")
     model_args(p)
     p.add_argument("--heads", default=None, help="heads.json or a head string like '4:3,6:*'")
-    p.add_argument("--u", type=float, default=None, help="override every head's coefficient")
-    p.add_argument("--adaptive-scale", type=float, default=0.0, help="diffusers' pag_adaptive_scale a: the PAG scale "
+    p.add_argument("--u", type=_unit, default=None, help="override every head's coefficient, in [0, 1]")
+    p.add_argument("--adaptive-scale", type=_scale, default=0.0, help="diffusers' pag_adaptive_scale a: the PAG scale "
                    "at timestep t is max(0, scale - a * (1000 - t))")
-    p.add_argument("--guidance-rescale", type=float, default=None, help="the pipeline's guidance_rescale (SD, SDXL, "
+    p.add_argument("--guidance-rescale", type=_finite, default=None, help="the pipeline's guidance_rescale (SD, SDXL, "
                    "HunyuanDiT), applied as diffusers' PAG pipelines do")
     p.add_argument("--prompt", required=True)
     p.add_argument("--seed", type=int, default=0)
@@ -212,21 +387,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "round with k=1 on 1 seed, timings not repeated (explicit options still override)")
     p.add_argument("--seeds", type=_positive_int, default=None, help="images per digit, i.e. samples = 10 x SEEDS (default 8)")
     p.add_argument("--steps", type=_positive_int, default=None, help="inference steps (default 16)")
-    p.add_argument("--scale", type=float, default=None, help="PAG scale w (default 3)")
-    p.add_argument("--u", type=float, default=None, help="SoftPAG coefficient of the softpag row, in (0, 1) (default 0.5)")
+    p.add_argument("--scale", type=_scale, default=None, help="PAG scale w (default 3)")
+    p.add_argument("--u", type=_open_unit, default=None, help="SoftPAG coefficient of the softpag row, in (0, 1) (default 0.5)")
     p.add_argument("--layers", default=None, help="layer-level PAG: comma-separated layer indices, every head of "
                    "each (default '2,3'; the model has 6 layers x 4 heads)")
     p.add_argument("--heads", default=None, help="head-level HeadSet, e.g. '1:1,2:0,3:3' (default)")
     p.add_argument("--mode", default=None, choices=MODES, help="identity over the whole sequence "
                    "(default) or over the image-image block only")
-    p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale used with PAG (default 1: CFG off, "
+    p.add_argument("--guidance-scale", type=_finite, default=None, help="CFG scale used with PAG (default 1: CFG off, "
                    "as in HeadHunter's searches)")
-    p.add_argument("--cfg", type=float, default=None, help="CFG scale of the CFG-only reference row (default 2)")
+    p.add_argument("--cfg", type=_finite, default=None, help="CFG scale of the CFG-only reference row (default 2)")
     p.add_argument("--hunt-rounds", type=_positive_int, default=None, help="HeadHunter rounds (default 2)")
     p.add_argument("--hunt-k", type=_positive_int, default=None, help="heads added per HeadHunter round (default 2)")
     p.add_argument("--hunt-seeds", type=_positive_int, default=None, help="seeds per digit in the search; they differ from "
                    "the evaluated seeds (default 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1: fastest for this tiny "
+    p.add_argument("--threads", type=_non_negative_int, default=None, help="torch CPU threads (default 1: fastest for this tiny "
                    "model, and far faster than several on a busy machine; 0 keeps torch's setting)")
     p.add_argument("--out", default=".", help="directory for headpag-demo.png and headpag-demo.json (default: the "
                    "current directory)")
@@ -248,9 +423,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser_class(common: argparse.ArgumentParser):
+    """The parser class of the commands: each gets ``common``'s options (``--debug``)."""
+
+    class CommandParser(argparse.ArgumentParser):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, parents=[common])
+
+    return CommandParser
+
+
 def main(argv=None) -> int:
+    """Runs one command. An error prints one line, ``headpag COMMAND: error: MESSAGE``, on stderr and returns 2 (as
+    argparse does for bad options); with ``--debug`` it is raised with its traceback instead."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as err:  # noqa: BLE001 - every error of a command becomes one line (or a traceback with --debug)
+        if args.debug:
+            raise
+        message = str(err) if isinstance(err, (ValueError, TypeError, OSError)) else f"{type(err).__name__}: {err}"
+        print(f"headpag {args.command}: error: {message or type(err).__name__} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -23,12 +23,14 @@ correctness check). Writes ``headpag-demo.png`` (one row of samples per setting)
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..kernels import MODES
 
 GRID_SEEDS = 4  # images per digit shown in the PNG grid
 
@@ -50,6 +52,51 @@ class DemoConfig:
     timing_repeats: int = 2
     out: str = "."
     threads: int | None = 1  # torch threads (None: leave torch's setting); 1 is fastest for this tiny model
+
+    def check(self) -> None:
+        """Raises ``ValueError`` naming the setting (as its ``headpag demo`` option) for anything unusable that needs
+        no model: numbers out of range, head or layer strings that do not parse, an output directory that cannot be
+        written. :func:`run_demo` calls it first, and checks the heads and layers against the model before sampling."""
+        from .cli import check_output_dir
+
+        def number(name, ok, expected):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+                raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value!r}")
+
+        for name in ("seeds", "steps", "hunt_rounds", "hunt_k", "hunt_seeds", "timing_repeats"):
+            number(name, lambda x: x >= 1 and int(x) == x, "an int >= 1")
+        number("scale", lambda x: x >= 0, "a finite number >= 0")
+        number("u", lambda x: 0 < x < 1, "a number in (0, 1)")
+        number("guidance_scale", lambda x: True, "a finite number")
+        number("cfg", lambda x: True, "a finite number")
+        if self.threads is not None:
+            number("threads", lambda x: x >= 0 and int(x) == x, "an int >= 0")
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
+        self.head_sets()
+        check_output_dir(self.out, "--out")
+
+    def head_sets(self, model=None):
+        """``(layer set, head set)``: every head of ``layers``, and ``heads``; checked against ``model`` when given.
+        A ``ValueError`` names the option."""
+        from ..heads import HeadSet
+
+        tokens = [t.strip() for t in str(self.layers).split(",") if t.strip()]
+        if not all(t.isdigit() for t in tokens):
+            raise ValueError(f"--layers must be comma-separated layer indices such as '2,3', got {self.layers!r}")
+        sets = []
+        for option, text in (("--layers", ",".join(f"{int(t)}:*" for t in tokens)), ("--heads", self.heads)):
+            try:
+                hs = HeadSet(text)
+                if model is not None:
+                    hs.resolve(model)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{option}: {err}") from None
+            if not hs:
+                raise ValueError(f"{option} selects no head")
+            sets.append(hs)
+        return tuple(sets)
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
@@ -109,6 +156,7 @@ def format_table(rows: list[Row]) -> str:
 def run_demo(config: DemoConfig | None = None, *, log=print) -> dict:
     """Runs the demo (module docstring); returns the results (also written to ``out/headpag-demo.json``)."""
     cfg = config or DemoConfig()
+    cfg.check()
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -119,14 +167,15 @@ def run_demo(config: DemoConfig | None = None, *, log=print) -> dict:
 
 
 def _run(cfg: DemoConfig, log) -> dict:
-    from .. import HeadSet, disable, enable_eager, enable_fused, hunt
+    from .. import disable, enable_eager, enable_fused, hunt
     from .digits import DigitObjective, load_pipeline
     from .digits.grid import save_grid
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     pipe = load_pipeline()
+    layer_heads, head_set = cfg.head_sets(pipe)  # checked against the model before anything is sampled
+    out.mkdir(parents=True, exist_ok=True)
     objective = DigitObjective()
     digits = list(range(10))
     seeds = list(range(cfg.seeds))
@@ -138,10 +187,9 @@ def _run(cfg: DemoConfig, log) -> dict:
         recognised = (objective.predict(images) == target).float().mean().item()
         return Row(name, description, heads_text, scores.mean().item(), recognised, images=images, **extra)
 
-    layer_heads = HeadSet(",".join(f"{int(l)}:*" for l in cfg.layers.split(",") if l.strip()))
     settings = [
         ("layer-pag", f"PAG on every head of layer(s) {cfg.layers}", layer_heads, None),
-        ("head-pag", "PAG on a head-level HeadSet", HeadSet(cfg.heads), None),
+        ("head-pag", "PAG on a head-level HeadSet", head_set, None),
         ("softpag", f"SoftPAG: the layer set with u={cfg.u}", layer_heads, cfg.u),
     ]
     rows: list[Row] = []
@@ -209,6 +257,7 @@ def main(args) -> int:
                      threads=args.threads)
     cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(
         **{k: v for k, v in overrides.items() if v is not None})
+    cfg.check()  # before the banner: a refused setting prints nothing else
     print(f"headpag demo: digits model, {cfg.seeds} seed(s) x 10 digits, {cfg.steps} steps, PAG scale {cfg.scale}, "
           f"mode {cfg.mode}, CFG {cfg.guidance_scale:g} on PAG rows", flush=True)
     summary = run_demo(cfg, log=lambda m: print(m, flush=True))

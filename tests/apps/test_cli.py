@@ -57,11 +57,21 @@ def test_hunt_atlas_generate(model_dir, tiny_clip_dirs, tmp_path, capsys):
     assert Image.open(out).size == (16, 16)
 
 
-def test_hunt_options_reach_the_search(monkeypatch, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def digits_transformer():
+    """A registered denoiser (SD3Transformer2DModel, 6 layers x 4 heads) for the pipeline stand-ins: the command
+    line checks head options against the loaded model."""
+    from headpag.apps.digits import load_pipeline
+
+    return load_pipeline().transformer
+
+
+def test_hunt_options_reach_the_search(monkeypatch, tmp_path, capsys, digits_transformer):
     """Every documented ``headpag hunt`` option arrives where it configures something: the pipeline loader, the
     objective factory or ``hunt`` itself."""
     calls = []
-    monkeypatch.setattr(cli, "_load_pipeline", lambda *args: calls.append(("load", *args)) or "PIPE")
+    PIPE = types.SimpleNamespace(transformer=digits_transformer)
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *args: calls.append(("load", *args)) or PIPE)
     monkeypatch.setattr(headpag.search.objectives, "get_objective",
                         lambda name, **kwargs: calls.append(("objective", name, kwargs)) or "OBJECTIVE")
 
@@ -78,20 +88,21 @@ def test_hunt_options_reach_the_search(monkeypatch, tmp_path, capsys):
                  "--mode", "image", "--guidance-scale", "1.5", "--prompts", str(prompts), "--objective", "clip",
                  "--objective-model", "OM", "--objective-processor", "OP", "--k", "2", "--rounds", "3", "--seeds", "3",
                  "4", "--u", "0.5", "--candidates", "0:*,2:1", "--init", str(init), "--batch-size", "5",
-                 "--strategy", "halving", "--out", "OUT", "--quiet"]) == 0
+                 "--strategy", "halving", "--out", str(tmp_path / "OUT"), "--quiet"]) == 0
     assert calls == [
         ("load", "MODEL", "cpu", "bfloat16"),
         ("objective", "clip", dict(model="OM", processor="OP")),
-        ("hunt", "PIPE", "OBJECTIVE", ["a cat", "a dog"], dict(
+        ("hunt", PIPE, "OBJECTIVE", ["a cat", "a dog"], dict(
             seeds=[3, 4], k=2, rounds=3, candidates=HeadSet("0:*,2:1"), init=HeadSet("1:0@0.5"), scale=2.5, u=0.5,
-            mode="image", guidance_scale=1.5, num_inference_steps=7, out_dir="OUT", batch_size=5, strategy="halving",
+            mode="image", guidance_scale=1.5, num_inference_steps=7, out_dir=str(tmp_path / "OUT"), batch_size=5,
+            strategy="halving",
             verbose=False)),
     ]
     assert "selected heads: 0:0" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("scale", [2.5, 0.0])
-def test_generate_options_reach_the_pipeline(monkeypatch, tmp_path, scale):
+def test_generate_options_reach_the_pipeline(monkeypatch, tmp_path, scale, digits_transformer):
     """``headpag generate``: the loader gets --model/--device/--dtype, enable_fused the heads (a heads.json),
     --scale (0 too: the API checks it and runs the plain pipeline), --u, --mode and --adaptive-scale, the pipeline
     call --prompt, --steps, --guidance-scale, --guidance-rescale and --seed; the image goes to --output and the
@@ -102,6 +113,8 @@ def test_generate_options_reach_the_pipeline(monkeypatch, tmp_path, scale):
     monkeypatch.setattr(api, "detach", lambda pipe: events.append(("disable", pipe)))
 
     class FakePipe:
+        transformer = digits_transformer
+
         def __call__(self, prompt, **kwargs):
             events.append(("call", prompt, kwargs["num_inference_steps"], kwargs["guidance_scale"],
                            kwargs["guidance_rescale"], kwargs["generator"].initial_seed()))
@@ -122,9 +135,10 @@ def test_generate_options_reach_the_pipeline(monkeypatch, tmp_path, scale):
     assert Image.open(out).size == (5, 3)
 
 
-def test_missing_model_says_how_to_point_at_a_local_copy(tmp_path):
-    with pytest.raises(SystemExit, match="local directory"):
-        main(["generate", "--model", str(tmp_path / "nothing"), "--prompt", "x"])
+def test_missing_model_says_how_to_point_at_a_local_copy(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nothing"), "--prompt", "x",
+                 "--output", str(tmp_path / "x.png")]) == 2
+    assert "local directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, option", [

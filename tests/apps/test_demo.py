@@ -30,7 +30,7 @@ def test_demo_options_reach_the_configuration(monkeypatch, quick):
     monkeypatch.setattr(demo, "run_demo", fake_run_demo)
     given = dict(seeds=3, steps=5, scale=2.5, u=0.25, layers="1,4", heads="0:1,5:3", mode="image", guidance_scale=1.5,
                  cfg=3.5, hunt_rounds=4, hunt_k=3, hunt_seeds=6, threads=0, out="OUT")
-    argv = ["demo", *(["--quick"] if quick else [])]
+    argv = ["demo", "--debug", *(["--quick"] if quick else [])]  # --debug: main raises what run_demo raised
     for name, value in given.items():
         argv += [f"--{name.replace('_', '-')}", str(value)]
     with pytest.raises(_Configured) as got:
@@ -38,7 +38,7 @@ def test_demo_options_reach_the_configuration(monkeypatch, quick):
     assert got.value.args[0] == demo.DemoConfig(**given, timing_repeats=1 if quick else 2)
 
     with pytest.raises(_Configured) as got:
-        main(["demo", *(["--quick"] if quick else []), "--steps", "9"])
+        main(["demo", "--debug", *(["--quick"] if quick else []), "--steps", "9"])
     assert got.value.args[0] == (demo.DemoConfig.quick(steps=9) if quick else demo.DemoConfig(steps=9))
     assert got.value.args[0].seeds == (2 if quick else 8)
 
