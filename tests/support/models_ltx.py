@@ -28,7 +28,6 @@ from diffusers import (
     LTXVideoTransformer3DModel,
 )
 
-import headpag
 
 HEADS = 2
 HEAD_DIM = 8
@@ -118,8 +117,7 @@ def run(pipe, inputs: dict, seed: int = 0) -> torch.Tensor:
 
 
 def guided(pipe, execution: str, heads, inputs: dict, **settings) -> torch.Tensor:
-    headpag.enable(pipe, heads, execution=execution, **settings)
-    try:
-        return run(pipe, inputs)
-    finally:
-        headpag.disable(pipe)
+    """:func:`support.checks.guided` with this family's :func:`run`."""
+    from .checks import guided as guided_run
+
+    return guided_run(pipe, execution, heads, inputs, run=run, **settings)

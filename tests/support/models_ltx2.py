@@ -33,7 +33,6 @@ from diffusers import (
 )
 from diffusers.pipelines.ltx2 import LTX2TextConnectors
 
-import headpag
 
 HEADS = 2
 HEAD_DIM = 8
@@ -209,12 +208,10 @@ def split(out: torch.Tensor, pipe) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def guided(pipe, execution: str, heads, inputs: dict, **settings) -> torch.Tensor:
-    """:func:`run` with headpag enabled for this one run (always disabled after)."""
-    headpag.enable(pipe, heads, execution=execution, **settings)
-    try:
-        return run(pipe, inputs)
-    finally:
-        headpag.disable(pipe)
+    """:func:`support.checks.guided` with this family's :func:`run`."""
+    from .checks import guided as guided_run
+
+    return guided_run(pipe, execution, heads, inputs, run=run, **settings)
 
 
 # --- the fold change fused execution needs (proposed for headpag/guided/rows.py) ------------------------------------

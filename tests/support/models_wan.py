@@ -38,7 +38,6 @@ try:  # transformers >= 5 without torchvision: the PIL backend, named (the gener
 except ImportError:  # pragma: no cover - older transformers
     from transformers import CLIPImageProcessor
 
-import headpag
 
 from .tolerances import MIN_EFFECT, close
 
@@ -169,12 +168,10 @@ def run(pipe, inputs: dict, seed: int = 0) -> torch.Tensor:
 
 
 def guided(pipe, execution: str, heads, inputs: dict, **settings) -> torch.Tensor:
-    """The output of ``pipe(**inputs)`` with headpag enabled for this one run (always disabled after)."""
-    headpag.enable(pipe, heads, execution=execution, **settings)
-    try:
-        return run(pipe, inputs)
-    finally:
-        headpag.disable(pipe)
+    """:func:`support.checks.guided` with this family's :func:`run`."""
+    from .checks import guided as guided_run
+
+    return guided_run(pipe, execution, heads, inputs, run=run, **settings)
 
 
 def effect(a: torch.Tensor, b: torch.Tensor) -> float:
