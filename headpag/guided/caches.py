@@ -10,8 +10,6 @@ every guided call (a cache enabled after headpag), naming the cache and how to t
 
 from __future__ import annotations
 
-from typing import Iterable
-
 from torch import nn
 
 #: diffusers' cache hook modules (``diffusers.hooks.<module>``) -> the cache's name (its config class).
@@ -26,14 +24,14 @@ CACHE_HOOKS = {
 }
 
 
-def active_caches(denoiser: nn.Module, modules: Iterable[nn.Module] | None = None) -> list[str]:
-    """The caches on ``denoiser``: its ``enable_cache`` config and any cache hook registered on it or on
-    ``modules`` (default: every submodule; diffusers registers block-level cache hooks on the blocks)."""
+def active_caches(denoiser: nn.Module) -> list[str]:
+    """The caches on ``denoiser``: its ``enable_cache`` config and any cache hook registered on it or on any of its
+    modules (diffusers registers cache hooks on blocks and attention modules)."""
     found = set()
     config = getattr(denoiser, "_cache_config", None)
     if config is not None:
         found.add(type(config).__name__)
-    for module in (denoiser, *(denoiser.modules() if modules is None else modules)):
+    for module in denoiser.modules():
         registry = getattr(module, "_diffusers_hook", None)
         for hook in getattr(registry, "hooks", {}).values():
             name = CACHE_HOOKS.get(type(hook).__module__.rsplit(".", 1)[-1])
@@ -42,9 +40,9 @@ def active_caches(denoiser: nn.Module, modules: Iterable[nn.Module] | None = Non
     return sorted(found)
 
 
-def check_no_cache(denoiser: nn.Module, modules: Iterable[nn.Module] | None = None) -> None:
+def check_no_cache(denoiser: nn.Module) -> None:
     """Raises ``ValueError`` naming the caches of :func:`active_caches`, if any."""
-    caches = active_caches(denoiser, modules)
+    caches = active_caches(denoiser)
     if caches:
         raise ValueError(
             f"{type(denoiser).__name__} has diffusers cache {', '.join(caches)} enabled: a cache reuses state across "

@@ -86,7 +86,6 @@ class GuidedSession:
         units = [denoiser.get_submodule(unit) for unit in self.units]
         unit_args = [self.arch.unit_args(module, unit) for module, unit in zip(units, self.units)]  # raise before hooking
         check_no_cache(denoiser)
-        self.unit_modules = units
         try:
             self.select(settings)
             self.attached.add(denoiser, DenoiserHook(self), DENOISER_HOOK)
@@ -124,7 +123,6 @@ class GuidedSession:
             if all(module is not m for m in hooked):
                 self.attached.add(module, AttentionHook(self, name), ATTENTION_HOOK)
         self.selected_layers = selected
-        self.selected_modules = tuple(modules.values())
         self.settings = settings
         self.row_heads = row_heads
         self._call_states: dict[CallShape, CallState] = {}
@@ -208,8 +206,8 @@ class GuidedSession:
             guided = scale > 0 and in_interval(step, n_steps, settings.interval)
         if not guided:
             return None
-        # a cache enabled after headpag: its config, or hooks on the units (blocks) or the selected layers
-        check_no_cache(self.denoiser, (*self.unit_modules, *self.selected_modules))
+        check_no_cache(self.denoiser)  # a cache enabled after headpag, on any module
+
         self._step, self._scale = step, scale
         sample = arguments[self.arch.sample_arg]
         if isinstance(sample, list):  # one tensor per row (Architecture.row_lists)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers.hooks import (
     FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig, SeaCacheConfig,
-    TaylorSeerCacheConfig, TextKVCacheConfig, apply_first_block_cache,
+    TaylorSeerCacheConfig, TextKVCacheConfig, apply_first_block_cache, apply_pyramid_attention_broadcast,
 )
 
 import headpag
@@ -86,3 +86,22 @@ def test_cache_hooks_applied_without_enable_cache_are_found(flux_pipe):
             pipe.transformer.disable_cache()
     assert active_caches(pipe.transformer) == []
     guided(pipe, "fused", "1:0", inputs)
+
+
+def test_attention_level_cache_hooks_on_unselected_layers_are_found(flux_pipe):
+    """apply_pyramid_attention_broadcast hooks attention modules (not blocks), here also layers without selected
+    heads, after headpag was enabled: the guided call still refuses it."""
+    pipe, inputs = flux_pipe, M.flux_inputs()
+    with patched(pipe, "eager", "0:0", scale=3.0):
+        config = PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, current_timestep_callback=lambda: pipe.current_timestep,
+            spatial_attention_block_identifiers=("single_transformer_blocks",))  # not layer 0's block
+        apply_pyramid_attention_broadcast(pipe.transformer, config)
+        try:
+            assert pipe.transformer._cache_config is None
+            with pytest.raises(ValueError, match="diffusers cache PyramidAttentionBroadcastConfig enabled"):
+                M.run(pipe, inputs)
+        finally:
+            pipe.transformer._cache_config = CONFIGS["PyramidAttentionBroadcastConfig"](pipe)
+            pipe.transformer.disable_cache()
+    assert active_caches(pipe.transformer) == []
