@@ -1,4 +1,4 @@
-"""Imports point down only: apps -> search -> guided -> heads -> archs -> kernels -> torch (+ triton).
+"""Imports point down only: apps -> search -> guiders -> guided -> heads -> archs -> kernels -> torch (+ triton).
 
 Every module of the package is parsed (not imported) and each of its imports of a headpag module is checked
 against the layer table below. The package root (``headpag/__init__.py``, ``__main__.py``) is the public facade
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("kernels", "archs", "heads", "guided", "search", "apps", "facade")
+LAYERS = ("kernels", "archs", "heads", "guided", "guiders", "search", "apps", "facade")
 
 
 def _module_name(path: Path, root: Path) -> str:

@@ -1,14 +1,17 @@
-"""A guided session: everything ``enable_fused`` / ``enable_eager`` attached to one denoiser of a pipeline, and the
-guided call. A pipeline with several denoisers (Wan 2.2 A14B's ``transformer`` and ``transformer_2``) has one
-session on each, attached and removed together (:func:`attach` / :func:`detach`); each keeps its own per-call state
-(call states, the delta of its step for the uncond call).
+"""A guided session: everything headpag attaches to one denoiser, and the guided call.
+
+Two drivers decide the calls: :class:`PipelineSession`, which ``enable_fused`` / ``enable_eager`` attach to a standard
+pipeline (it reads the running pipeline's steps, rows and CFG flag and folds ``delta`` into the rows the pipeline
+sees), and the Modular guider's session (``guider.py``, told by the guider which call is the guided cond call). A
+pipeline with several denoisers (Wan 2.2 A14B's ``transformer`` and ``transformer_2``) has one session on each,
+attached and removed together (:func:`attach` / :func:`detach`); each keeps its own per-call state (call states,
+the delta of its step for the uncond call).
 
 Everything is attached with diffusers' hook registry, so the denoiser keeps its identity, every processor stays
 the same object, and removing the session takes away exactly what was added:
 
-- the denoiser hook hands each call to :meth:`GuidedSession.denoise`, which decides whether this step is guided
-  (PAG interval, ``scale > 0``), finds the rows through the pipeline's call pattern, runs the guided forward and
-  folds ``delta = w * (cond - perturbed)`` into the uncond and cond rows;
+- the denoiser hook hands each call to :meth:`GuidedSession.denoise`, which asks the driver whether this step is
+  guided and where the rows are, runs the guided forward and hands its output to the driver;
 - fused: the per-row denoiser inputs are widened at entry with a twin of every cond row; every forward-loop unit
   before the first *fork unit* that holds a selected head runs on the base rows only (its per-row inputs
   narrowed, its outputs widened by copying the cond rows), so the twins cost nothing until the fork;
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, ModularPipeline
 
 from ..archs import (
     LayerInfo, RowLayout, architecture_of, call_pattern_of, denoisers_of, forward_units, get_denoiser, list_layers,
@@ -64,14 +67,17 @@ class CallDecision:
 
 
 class GuidedSession:
-    """The hooks and settings attached to one pipeline's denoiser (see the module docstring)."""
+    """The hooks and settings attached to one denoiser (see the module docstring), and the guided call.
 
-    def __init__(self, pipe, denoiser: torch.nn.Module, execution: str, settings: Settings):
-        self.pipe_ref = weakref.ref(pipe)
+    What decides a call is the driver's: :class:`PipelineSession` reads a standard pipeline's running call (steps,
+    rows, CFG) and folds ``delta`` into the rows the pipeline sees; the Modular guider's session
+    (``guider.py``) is told by the guider. A subclass implements :meth:`_caller`, :meth:`_timing`,
+    :meth:`_layout`, :meth:`_shift` and :meth:`_finish`.
+    """
+
+    def __init__(self, denoiser: torch.nn.Module, execution: str, settings: Settings):
         self.denoiser = denoiser
         self.arch = architecture_of(denoiser)
-        self.pattern = call_pattern_of(pipe)
-        self._patterns: dict[type, Any] = {}  # call patterns of other pipelines sharing the denoiser
         self.fused = execution == "fused"
         self.layers: list[LayerInfo] = list_layers(denoiser)
         self.units = forward_units(denoiser)
@@ -79,7 +85,6 @@ class GuidedSession:
         self.channels = guided_channels(denoiser)
         self.call: CallState | None = None
         self.row_heads: list[HeadSet] | None = None
-        self._step_delta: tuple[int, torch.Tensor] | None = None
         self._step = -1
         self._scale = 0.0  # the PAG scale of the guided step running now (Settings.scale_at)
         self.attached = Attached()
@@ -95,8 +100,6 @@ class GuidedSession:
         except BaseException:
             self.attached.remove_all(denoiser)  # a half-built session leaves nothing behind
             raise
-        self.cond_record = rescale.CondRecord()
-        self.rescale_modules = rescale.hold(pipe, self.cond_record)
 
     # --- settings -------------------------------------------------------------------------------------------
     def heads_of(self, j: int) -> HeadSet:
@@ -130,7 +133,28 @@ class GuidedSession:
     def remove(self) -> None:
         self.attached.remove_all(self.denoiser)
         DISPATCH_ROUTING.release()
-        rescale.release(self.rescale_modules, self.cond_record)
+
+    # --- what the driver decides -------------------------------------------------------------------------------
+    def _caller(self) -> Any:
+        """Whatever :meth:`_timing` and :meth:`_layout` read about the call being made (the running pipeline)."""
+        raise NotImplementedError
+
+    def _timing(self, caller, timestep) -> tuple[int, float] | None:
+        """``(step, PAG scale)`` of a guided call at ``timestep``; None when the call is not guided."""
+        raise NotImplementedError
+
+    def _layout(self, caller, arguments: dict, batch: int, context: str | None) -> RowLayout | None:
+        """The rows of a guided call; None for a side pass of the step (run as given, then :meth:`_shift`)."""
+        raise NotImplementedError
+
+    def _shift(self, out):
+        """The output of a side pass of a guided step."""
+        raise NotImplementedError
+
+    def _finish(self, out, layout: RowLayout, perturbed_out):
+        """The output of a guided call from the guided forward's ``out``: its twins are the perturbed rows (fused),
+        or ``perturbed_out`` is the output of the separate perturbed pass (eager)."""
+        raise NotImplementedError
 
     # --- the guided call -----------------------------------------------------------------------------------
     def call_state(self, shape: CallShape) -> CallState:
@@ -149,9 +173,9 @@ class GuidedSession:
         if decision.kind == "shift":
             return self._shift(forward(*args, **kwargs))
         if decision.kind == "fused":
-            return self._fold(self._run_perturbed(decision, forward), decision.layout, None)
+            return self._finish(self._run_perturbed(decision, forward), decision.layout, None)
         out = forward(*args, **kwargs)
-        return self._fold(out, decision.layout, self._run_perturbed(decision, forward))
+        return self._finish(out, decision.layout, self._run_perturbed(decision, forward))
 
     def _run_perturbed(self, decision: CallDecision, forward):
         """The perturbed forward of ``decision`` with its call state visible to the unit and attention hooks."""
@@ -161,34 +185,10 @@ class GuidedSession:
         finally:
             self.call = None
 
-    def _calling_pipeline(self):
-        """``(pipeline, call pattern)`` of this denoiser call: the innermost diffusers pipeline whose ``__call__`` is
-        running (a pipeline sharing the patched denoiser, e.g. made by ``from_pipe``, reads its own CFG flag,
-        timesteps and rows), else the patched pipeline (a direct denoiser call, as the benchmarks make)."""
-        frame = sys._getframe(2)
-        while frame is not None:
-            candidate = frame.f_locals.get("self")
-            if frame.f_code.co_name == "__call__" and isinstance(candidate, DiffusionPipeline):
-                break
-            frame = frame.f_back
-        owner = self.pipe_ref()
-        pipe = candidate if frame is not None else owner
-        if pipe is None:
-            raise RuntimeError(
-                f"the pipeline headpag patched this {type(self.denoiser).__name__} for no longer exists and the call "
-                f"comes from no running pipeline: call headpag.enable_fused on the pipeline that uses the denoiser"
-            )
-        if pipe is owner:
-            return pipe, self.pattern
-        if type(pipe) not in self._patterns:
-            self._patterns[type(pipe)] = call_pattern_of(pipe)
-        return pipe, self._patterns[type(pipe)]
-
     @torch.compiler.disable
     def _decide(self, forward, args: tuple, kwargs: dict, context: str | None) -> CallDecision | None:
         """What this call does, or None when it is not guided."""
-        pipe, pattern = self._calling_pipeline()
-        settings = self.settings
+        caller = self._caller()
         bound = bind(forward, args, kwargs)
         arguments = bound.arguments
         if self.arch.prepare_arguments is not None:
@@ -196,41 +196,21 @@ class GuidedSession:
         timestep = arguments.get(self.arch.timestep_arg)
         if self.arch.scheduler_timestep is not None:
             timestep = self.arch.scheduler_timestep(timestep)
-        if isinstance(timestep, torch.Tensor) and timestep.device.type == "meta":
-            # Costing on the meta device: the step cannot be read, so every call of a non-empty interval is guided.
-            step, scale = -1, settings.scale_at(None)
-            guided = scale > 0 and settings.interval[0] < settings.interval[1]
-        else:
-            step, n_steps, t = pipeline_step(pipe.scheduler, timestep)
-            scale = settings.scale_at(t)
-            guided = scale > 0 and in_interval(step, n_steps, settings.interval)
-        if not guided:
+        timing = self._timing(caller, timestep)
+        if timing is None:
             return None
         check_no_cache(self.denoiser)  # a cache enabled after headpag, on any module
 
-        self._step, self._scale = step, scale
+        self._step, self._scale = timing
         sample = arguments[self.arch.sample_arg]
         if isinstance(sample, list):  # one tensor per row (Architecture.row_lists)
             batch, sample = len(sample), sample[0]
         else:
             batch = sample.shape[0]
         side_pass = self.arch.side_pass_arg is not None and arguments.get(self.arch.side_pass_arg) is not None
-        try:
-            layout = None if side_pass else pattern.layout(pipe, self.denoiser, arguments, batch, context)
-        except AttributeError as err:  # e.g. do_classifier_free_guidance before the pipeline's first call
-            raise RuntimeError(
-                f"the denoiser headpag patched on {type(pipe).__name__} was called outside a pipeline call, and the "
-                f"pipeline holds no state of a running call ({err}): headpag reads the rows (CFG on or off) from the "
-                f"running pipeline; call the pipeline, or headpag.disable(pipe) for direct denoiser calls"
-            ) from err
+        layout = None if side_pass else self._layout(caller, arguments, batch, context)
         if layout is None:
             return CallDecision("shift", None, None, args, kwargs)
-        if layout.uncond is not None and not self.rescale_modules and guidance_rescale(pipe) > 0:
-            raise ValueError(
-                f"guidance_rescale > 0 is not supported with headpag on {type(pipe).__name__}: its loop has no "
-                f"rescale_noise_cfg headpag can point at the unperturbed cond prediction; call the pipeline with "
-                f"guidance_rescale=0"
-            )
         text = arguments.get(self.arch.text_arg) if self.arch.text_arg else None
         if self.arch.text_length is not None:
             n_text = self.arch.text_length(arguments)
@@ -261,6 +241,85 @@ class GuidedSession:
                                      lambda v: take_rows(v, layout.n_base, layout.cond, group_size(v, layout.n_base)))
         return CallDecision("eager", layout, call, args, kwargs)
 
+
+class PipelineSession(GuidedSession):
+    """The session ``enable_fused`` / ``enable_eager`` attach to a standard pipeline's denoiser: the running
+    pipeline's call says which steps are guided and where the rows are, and ``delta`` is folded into the rows the
+    pipeline sees (its own CFG arithmetic then returns the guided prediction)."""
+
+    def __init__(self, pipe, denoiser: torch.nn.Module, execution: str, settings: Settings):
+        self.pipe_ref = weakref.ref(pipe)
+        self.pattern = call_pattern_of(pipe)
+        self._patterns: dict[type, Any] = {}  # call patterns of other pipelines sharing the denoiser
+        self._step_delta: tuple[int, torch.Tensor] | None = None
+        super().__init__(denoiser, execution, settings)
+        self.cond_record = rescale.CondRecord()
+        self.rescale_modules = rescale.hold(pipe, self.cond_record)
+
+    def remove(self) -> None:
+        super().remove()
+        rescale.release(self.rescale_modules, self.cond_record)
+
+    def _caller(self):
+        """``(pipeline, call pattern)`` of this denoiser call: the innermost diffusers pipeline whose ``__call__`` is
+        running (a pipeline sharing the patched denoiser, e.g. made by ``from_pipe``, reads its own CFG flag,
+        timesteps and rows), else the patched pipeline (a direct denoiser call, as the benchmarks make). A call
+        from a running Modular pipeline raises: its guider, not headpag's patch, makes the rows there."""
+        frame = sys._getframe(2)
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if frame.f_code.co_name == "__call__" and isinstance(candidate, (DiffusionPipeline, ModularPipeline)):
+                break
+            frame = frame.f_back
+        if frame is not None and isinstance(candidate, ModularPipeline):
+            raise RuntimeError(
+                f"the {type(self.denoiser).__name__} headpag patched with enable_fused / enable_eager is being called "
+                f"by the Modular pipeline {type(candidate).__name__}, whose guider makes the rows: call "
+                f"headpag.disable on the patched pipeline and set headpag.guiders.HeadPerturbedAttentionGuidance as "
+                f"the Modular pipeline's guider (pipe.update_components(guider=...))"
+            )
+        owner = self.pipe_ref()
+        pipe = candidate if frame is not None else owner
+        if pipe is None:
+            raise RuntimeError(
+                f"the pipeline headpag patched this {type(self.denoiser).__name__} for no longer exists and the call "
+                f"comes from no running pipeline: call headpag.enable_fused on the pipeline that uses the denoiser"
+            )
+        if pipe is owner:
+            return pipe, self.pattern
+        if type(pipe) not in self._patterns:
+            self._patterns[type(pipe)] = call_pattern_of(pipe)
+        return pipe, self._patterns[type(pipe)]
+
+    def _timing(self, caller, timestep) -> tuple[int, float] | None:
+        settings = self.settings
+        if isinstance(timestep, torch.Tensor) and timestep.device.type == "meta":
+            # Costing on the meta device: the step cannot be read, so every call of a non-empty interval is guided.
+            scale = settings.scale_at(None)
+            return (-1, scale) if scale > 0 and settings.interval[0] < settings.interval[1] else None
+        pipe, _ = caller
+        step, n_steps, t = pipeline_step(pipe.scheduler, timestep)
+        scale = settings.scale_at(t)
+        return (step, scale) if scale > 0 and in_interval(step, n_steps, settings.interval) else None
+
+    def _layout(self, caller, arguments: dict, batch: int, context: str | None) -> RowLayout | None:
+        pipe, pattern = caller
+        try:
+            layout = pattern.layout(pipe, self.denoiser, arguments, batch, context)
+        except AttributeError as err:  # e.g. do_classifier_free_guidance before the pipeline's first call
+            raise RuntimeError(
+                f"the denoiser headpag patched on {type(pipe).__name__} was called outside a pipeline call, and the "
+                f"pipeline holds no state of a running call ({err}): headpag reads the rows (CFG on or off) from the "
+                f"running pipeline; call the pipeline, or headpag.disable(pipe) for direct denoiser calls"
+            ) from err
+        if layout is not None and layout.uncond is not None and not self.rescale_modules and guidance_rescale(pipe) > 0:
+            raise ValueError(
+                f"guidance_rescale > 0 is not supported with headpag on {type(pipe).__name__}: its loop has no "
+                f"rescale_noise_cfg headpag can point at the unperturbed cond prediction; call the pipeline with "
+                f"guidance_rescale=0"
+            )
+        return layout
+
     @torch.compiler.disable
     def _shift(self, out):
         if self._step_delta is None or self._step_delta[0] != self._step:
@@ -269,9 +328,8 @@ class GuidedSession:
         return replace_sample(out, (sample.float() + self._step_delta[1]).to(sample.dtype))
 
     @torch.compiler.disable
-    def _fold(self, out, layout: RowLayout, perturbed_out):
-        """Folds ``delta`` into the base rows of ``out``; the perturbed rows are ``out``'s twins (fused) or the
-        output of the separate perturbed pass (eager)."""
+    def _finish(self, out, layout: RowLayout, perturbed_out):
+        """Folds ``delta`` into the base rows of ``out``."""
         sample = first_tensor(out)
         base = sample[: layout.n_base]
         perturbed = sample[layout.n_base:] if perturbed_out is None else first_tensor(perturbed_out)
@@ -287,32 +345,37 @@ class GuidedSession:
 
 # One session per denoiser; a pipeline with several denoisers (Wan 2.2 A14B's transformer and transformer_2) has one
 # on each, attached and removed together.
-_SESSIONS: "weakref.WeakKeyDictionary[torch.nn.Module, GuidedSession]" = weakref.WeakKeyDictionary()
+_SESSIONS: "weakref.WeakKeyDictionary[torch.nn.Module, PipelineSession]" = weakref.WeakKeyDictionary()
 
 
-def session_of(pipe) -> GuidedSession | None:
+def session_of_denoiser(denoiser: torch.nn.Module) -> PipelineSession | None:
+    """The pipeline session attached to ``denoiser``, or None."""
+    return _SESSIONS.get(denoiser)
+
+
+def session_of(pipe) -> PipelineSession | None:
     """The session attached to ``pipe``'s primary denoiser (:func:`headpag.get_denoiser`), or None."""
     return _SESSIONS.get(get_denoiser(pipe))
 
 
-def sessions_of(pipe) -> tuple[tuple[str, GuidedSession | None], ...]:
+def sessions_of(pipe) -> tuple[tuple[str, PipelineSession | None], ...]:
     """``(attribute, session or None)`` for each denoiser of ``pipe`` (``headpag.archs.named_denoisers``), in
     order: the primary one first."""
     return tuple((name, _SESSIONS.get(denoiser)) for name, denoiser in named_denoisers(pipe))
 
 
-def attach(pipe, execution: str, settings: Sequence[Settings]) -> tuple[GuidedSession, ...]:
+def attach(pipe, execution: str, settings: Sequence[Settings]) -> tuple[PipelineSession, ...]:
     """Replaces any sessions on ``pipe``'s denoisers by new ones, ``settings[i]`` on ``denoisers_of(pipe)[i]``. When
     one fails to attach, none stays: ``pipe`` is left unpatched (an error on a second denoiser names it)."""
     named = named_denoisers(pipe)
     if len(settings) != len(named):
         raise ValueError(f"{len(settings)} settings for the {len(named)} denoisers of {type(pipe).__name__}")
     detach(pipe)
-    attached: list[tuple[torch.nn.Module, GuidedSession]] = []
+    attached: list[tuple[torch.nn.Module, PipelineSession]] = []
     try:
         for (name, denoiser), denoiser_settings in zip(named, settings):
             try:
-                session = GuidedSession(pipe, denoiser, execution, denoiser_settings)
+                session = PipelineSession(pipe, denoiser, execution, denoiser_settings)
             except (ValueError, TypeError) as err:
                 if not attached:
                     raise
