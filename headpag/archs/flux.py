@@ -28,7 +28,7 @@ FLUX = register_architecture(Architecture(
     row_args=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance",
               "joint_attention_kwargs", "controlnet_block_samples", "controlnet_single_block_samples"),
     unit_row_args=dict.fromkeys(("FluxTransformerBlock", "FluxSingleTransformerBlock"), TRANSFORMER_BLOCK_ROW_ARGS),
-    processors=("FluxAttnProcessor",),
+    processors=("FluxAttnProcessor", "FluxIPAdapterAttnProcessor"),
     text_arg="encoder_hidden_states", text_first=True, scheduler_timestep=lambda t: t * 1000,
 ))
 

@@ -43,9 +43,10 @@ class Architecture:
         units: ``model -> [forward-loop unit names]`` in forward order (attention-free units included).
         row_args: names of the denoiser forward's per-row arguments (widened with the twins at entry).
         unit_row_args: per-row argument names of each forward-loop unit class, by class name.
-        processors: class names of the family's default attention processors: the ones accepted on a selected
-            layer (each makes one attention call, through ``dispatch_attention_fn`` or
-            ``F.scaled_dot_product_attention``, that is the layer's whole attention).
+        processors: class names of the attention processors accepted on a selected layer: the default ones (each
+            makes one attention call, through ``dispatch_attention_fn`` or ``F.scaled_dot_product_attention``, that
+            is the layer's whole attention) and the family's IP-Adapter ones (whose first call is the layer's own
+            attention and whose later calls are the adapter's branch: ``guided.routing.ADDED_BRANCH_PROCESSORS``).
         sample_arg: name of the denoiser's noisy-sample argument (the first positional argument).
         text_arg: the argument holding the text tokens ``(B, n_text, C)`` of joint attention, or None.
         text_first: joint attention puts the text tokens first (Flux) rather than last (SD3).

@@ -20,7 +20,7 @@ SD3 = register_architecture(Architecture(
     row_args=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
               "block_controlnet_hidden_states", "joint_attention_kwargs"),
     unit_row_args={"JointTransformerBlock": TRANSFORMER_BLOCK_ROW_ARGS},
-    processors=("JointAttnProcessor2_0",),
+    processors=("JointAttnProcessor2_0", "SD3IPAdapterJointAttnProcessor2_0"),
     text_arg="encoder_hidden_states", side_pass_arg="skip_layers",
 ))
 
