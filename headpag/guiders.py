@@ -30,7 +30,7 @@ from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput, rescale_n
 
 from .guided.guider_session import GuiderSession
 from .guided.session import session_of_denoiser
-from .guided.settings import EXECUTIONS, Settings, check_scale, make_settings
+from .guided.settings import EXECUTIONS, Settings, check_refresh, check_scale, make_settings
 from .heads import HeadSet
 from .kernels import MODES
 
@@ -87,6 +87,10 @@ class HeadPerturbedAttentionGuidance(BaseGuidance):
             instead of ``pred_uncond`` (CFG on) or ``pred_perturbed`` (CFG off).
         execution: ``"fused"`` (the twins ride in the cond call, the kernel) or ``"eager"`` (a separate perturbed
             forward inside the cond call with the maps materialised: the oracle).
+        refresh: ``k`` (an integer >= 1): the perturbed rows run on the first PAG step of a sampling run and every
+            ``k``-th step after it; a PAG step in between runs the plain cond batch and reuses ``cond - perturbed`` of
+            the last step that ran them (times its own PAG scale). A step that does not follow the previous one
+            starts a new run. 1: every PAG step runs them.
         start, stop: the steps with CFG (``int(start * T) <= i < int(stop * T)``), as every diffusers guider.
         enabled: False turns all guidance off (the cond prediction only).
 
@@ -113,6 +117,7 @@ class HeadPerturbedAttentionGuidance(BaseGuidance):
         guidance_rescale: float = 0.0,
         use_original_formulation: bool = False,
         execution: str = "fused",
+        refresh: int = 1,
         start: float = 0.0,
         stop: float = 1.0,
         enabled: bool = True,
@@ -140,10 +145,13 @@ class HeadPerturbedAttentionGuidance(BaseGuidance):
         self.guidance_rescale = _fraction(guidance_rescale, "guidance_rescale")
         self.use_original_formulation = bool(use_original_formulation)
         self.execution = execution
+        self.refresh = check_refresh(refresh)
         self._settings: weakref.WeakKeyDictionary[torch.nn.Module, Settings] = weakref.WeakKeyDictionary()
         self._session: GuiderSession | None = None
-        self._perturbed_scale: float | None = None  # the PAG scale of the step whose twins ran
-        self._base_rows: int | None = None  # and the rows of its cond batch
+        self._perturbed_scale: float | None = None  # the PAG scale of this step, once its cond batch ran
+        self._base_rows: int | None = None  # the rows of that batch (the twins' rows follow them)
+        self._reusing = False  # this step reuses self._difference instead of running the twins
+        self._difference: tuple[int, torch.Tensor] | None = None  # (step, cond - perturbed) of the last twins
 
     # --- which batches, which steps ------------------------------------------------------------------------
     def prepare_inputs(self, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list:
@@ -189,8 +197,11 @@ class HeadPerturbedAttentionGuidance(BaseGuidance):
 
     # --- the denoiser calls -------------------------------------------------------------------------------
     def set_state(self, step: int, num_inference_steps: int, timestep: torch.LongTensor) -> None:
+        previous = self._step
         super().set_state(step, num_inference_steps, timestep)
-        self._perturbed_scale = None
+        if previous is None or step != previous + 1:  # a new sampling run
+            self._difference = None
+        self._perturbed_scale, self._reusing = None, False
 
     def prepare_models(self, denoiser: torch.nn.Module) -> None:
         """Before the cond call of a guided step: attaches a session to ``denoiser`` that runs it with the twins."""
@@ -202,6 +213,10 @@ class HeadPerturbedAttentionGuidance(BaseGuidance):
             )
         scale = self.perturbed_scale()
         if self._count_prepared != 1 or scale <= 0:
+            return
+        known = self._difference
+        if known is not None and 0 < self._step - known[0] < self.refresh:
+            self._perturbed_scale, self._reusing = scale, True
             return
         self._remove_session()
         self._session = GuiderSession(denoiser, self.execution, self._settings_for(denoiser))
@@ -237,8 +252,11 @@ class HeadPerturbedAttentionGuidance(BaseGuidance):
     # --- the guided prediction -------------------------------------------------------------------------------
     def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None) -> GuiderOutput:
         w = self._perturbed_scale
-        pred_perturbed = None
-        if w is not None:
+        shift = None  # cond - perturbed
+        if w is not None and self._reusing:
+            shift = self._difference[1]
+            pred_perturbed = pred_cond - shift
+        elif w is not None:
             n = self._base_rows
             if pred_cond.shape[0] != 2 * n:
                 raise RuntimeError(
@@ -247,18 +265,21 @@ class HeadPerturbedAttentionGuidance(BaseGuidance):
                     f"prediction, which this guider cannot read"
                 )
             pred_cond, pred_perturbed = pred_cond[:n], pred_cond[n:]
+            shift = pred_cond - pred_perturbed
+            if self.refresh > 1:
+                self._difference = (self._step, shift)
         cfg = self._is_cfg_enabled()
-        if pred_perturbed is None and not cfg:
+        if shift is None and not cfg:
             pred = pred_cond
-        elif pred_perturbed is None:
+        elif shift is None:
             pred = (pred_cond if self.use_original_formulation else pred_uncond)
             pred = pred + self.guidance_scale * (pred_cond - pred_uncond)
         elif not cfg:
             pred = pred_cond if self.use_original_formulation else pred_perturbed
-            pred = pred + w * (pred_cond - pred_perturbed)
+            pred = pred + w * shift
         else:
             pred = pred_cond if self.use_original_formulation else pred_uncond
-            pred = pred + self.guidance_scale * (pred_cond - pred_uncond) + w * (pred_cond - pred_perturbed)
+            pred = pred + self.guidance_scale * (pred_cond - pred_uncond) + w * shift
         if self.guidance_rescale > 0.0:
             pred = rescale_noise_cfg(pred, pred_cond, self.guidance_rescale)
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)

@@ -34,7 +34,7 @@ def _per_denoiser(named, make) -> list:
 
 
 def enable(pipe, heads, *, execution: str = "fused", scale: float = 3.0, u: float | None = None, mode: str = "joint",
-           interval: tuple[float, float] = (0.0, 1.0), adaptive_scale: float = 0.0) -> None:
+           interval: tuple[float, float] = (0.0, 1.0), adaptive_scale: float = 0.0, refresh: int = 1) -> None:
     """Patches ``pipe`` in place so that a plain ``pipe(...)`` call makes head-level PAG guided samples.
 
     Args:
@@ -50,6 +50,10 @@ def enable(pipe, heads, *, execution: str = "fused", scale: float = 3.0, u: floa
         interval: ``(start, stop)``: step ``i`` of ``T`` is guided iff ``start <= i / T < stop``.
         adaptive_scale: diffusers' ``pag_adaptive_scale`` ``a`` (>= 0): the PAG scale at scheduler timestep ``t`` is
             ``max(0, scale - a * (1000 - t))``; a step where it is 0 runs no perturbed rows.
+        refresh: ``k`` (an integer >= 1): the perturbed rows run on the first guided step of each sampling run and on
+            every ``k``-th step after it; a guided step in between runs the plain batch (no twins, no perturbed pass)
+            and adds its own PAG scale times the difference ``cond - perturbed`` of the last step that ran them. 1 (the
+            default): every guided step runs them.
 
     The pipeline's own ``guidance_rescale`` call argument is applied as diffusers' PAG pipelines apply it: against
     the unperturbed cond prediction (``rescale.py``).
@@ -65,24 +69,24 @@ def enable(pipe, heads, *, execution: str = "fused", scale: float = 3.0, u: floa
         raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
     call_pattern_of(pipe)  # an unknown pipeline raises before anything is attached
     settings = _per_denoiser(named_denoisers(pipe),
-                             lambda d: make_settings(d, heads, scale, u, mode, interval, adaptive_scale))
+                             lambda d: make_settings(d, heads, scale, u, mode, interval, adaptive_scale, refresh))
     attach(pipe, execution, settings)
 
 
 def enable_fused(pipe, heads, *, scale: float = 3.0, u: float | None = None, mode: str = "joint",
-                 interval: tuple[float, float] = (0.0, 1.0), adaptive_scale: float = 0.0) -> None:
+                 interval: tuple[float, float] = (0.0, 1.0), adaptive_scale: float = 0.0, refresh: int = 1) -> None:
     """:func:`enable` with ``execution="fused"``: the perturbed twins ride in the pipeline's own batch from their
     first fork unit on, and selected layers run the fused kernel."""
     enable(pipe, heads, execution="fused", scale=scale, u=u, mode=mode, interval=interval,
-           adaptive_scale=adaptive_scale)
+           adaptive_scale=adaptive_scale, refresh=refresh)
 
 
 def enable_eager(pipe, heads, *, scale: float = 3.0, u: float | None = None, mode: str = "joint",
-                 interval: tuple[float, float] = (0.0, 1.0), adaptive_scale: float = 0.0) -> None:
+                 interval: tuple[float, float] = (0.0, 1.0), adaptive_scale: float = 0.0, refresh: int = 1) -> None:
     """:func:`enable` with ``execution="eager"``: a separate perturbed forward per guided step with the perturbed
     maps ``(1-u)*A + u*P`` materialised. The oracle and benchmark baseline."""
     enable(pipe, heads, execution="eager", scale=scale, u=u, mode=mode, interval=interval,
-           adaptive_scale=adaptive_scale)
+           adaptive_scale=adaptive_scale, refresh=refresh)
 
 
 def disable(pipe) -> None:
@@ -126,7 +130,7 @@ def _select_all(sessions: list[tuple[str, GuidedSession]], settings: list, row_h
 
 def configure(pipe, *, scale: float | None = None, heads=None, u: float | None = None,
               interval: tuple[float, float] | None = None, mode: str | None = None,
-              adaptive_scale: float | None = None) -> None:
+              adaptive_scale: float | None = None, refresh: int | None = None) -> None:
     """Changes the settings of a patched pipeline between calls, without re-patching (None keeps a setting), on
     each of its denoisers."""
     sessions = _sessions(pipe)
@@ -141,6 +145,7 @@ def configure(pipe, *, scale: float | None = None, heads=None, u: float | None =
             s.mode if mode is None else mode,
             s.interval if interval is None else interval,
             s.adaptive_scale if adaptive_scale is None else adaptive_scale,
+            s.refresh if refresh is None else refresh,
         )
 
     new = _per_denoiser(sessions, make)

@@ -2,7 +2,7 @@
 
 Two drivers decide the calls: :class:`PipelineSession`, which ``enable_fused`` / ``enable_eager`` attach to a standard
 pipeline (it reads the running pipeline's steps, rows and CFG flag and folds ``delta`` into the rows the pipeline
-sees), and the Modular guider's session (``guider.py``, told by the guider which call is the guided cond call). A
+sees), and the Modular guider's session (``guider_session.py``, told by the guider which call is the guided cond call). A
 pipeline with several denoisers (Wan 2.2 A14B's ``transformer`` and ``transformer_2``) has one session on each,
 attached and removed together (:func:`attach` / :func:`detach`); each keeps its own per-call state (call states,
 the delta of its step for the uncond call).
@@ -55,9 +55,9 @@ def guidance_rescale(pipe) -> float:
 @dataclass(frozen=True)
 class CallDecision:
     """What one guided-step denoiser call does: ``kind`` is "shift" (a side pass, run as given and shifted by this
-    step's delta), "fused" (one forward with the twins) or "eager" (the base forward, then a separate perturbed
-    forward). ``args`` / ``kwargs``: the widened call (fused), the cond rows' call (eager) or the call as given
-    (shift)."""
+    step's delta), "reuse" (the base rows only, run as given, folded with an earlier step's difference), "fused" (one
+    forward with the twins) or "eager" (the base forward, then a separate perturbed forward). ``args`` / ``kwargs``:
+    the widened call (fused), the cond rows' call (eager) or the call as given (shift, reuse)."""
 
     kind: str
     layout: RowLayout | None
@@ -71,8 +71,9 @@ class GuidedSession:
 
     What decides a call is the driver's: :class:`PipelineSession` reads a standard pipeline's running call (steps,
     rows, CFG) and folds ``delta`` into the rows the pipeline sees; the Modular guider's session
-    (``guider.py``) is told by the guider. A subclass implements :meth:`_caller`, :meth:`_timing`,
-    :meth:`_layout`, :meth:`_shift` and :meth:`_finish`.
+    (``guider_session.py``) is told by the guider. A subclass implements :meth:`_caller`, :meth:`_timing`,
+    :meth:`_layout`, :meth:`_shift` and :meth:`_finish` (and :meth:`_reuses` / :meth:`_finish_reused` to skip the
+    perturbed rows on some guided calls).
     """
 
     def __init__(self, denoiser: torch.nn.Module, execution: str, settings: Settings):
@@ -151,6 +152,14 @@ class GuidedSession:
         """The output of a side pass of a guided step."""
         raise NotImplementedError
 
+    def _reuses(self, layout: RowLayout) -> bool:
+        """Whether this guided call runs no perturbed rows and reuses an earlier step's (``Settings.refresh``)."""
+        return False
+
+    def _finish_reused(self, out, layout: RowLayout):
+        """The output of a guided call that ran the base rows only (:meth:`_reuses`)."""
+        raise NotImplementedError
+
     def _finish(self, out, layout: RowLayout, perturbed_out):
         """The output of a guided call from the guided forward's ``out``: its twins are the perturbed rows (fused),
         or ``perturbed_out`` is the output of the separate perturbed pass (eager)."""
@@ -172,6 +181,8 @@ class GuidedSession:
             return forward(*args, **kwargs)
         if decision.kind == "shift":
             return self._shift(forward(*args, **kwargs))
+        if decision.kind == "reuse":
+            return self._finish_reused(forward(*args, **kwargs), decision.layout)
         if decision.kind == "fused":
             return self._finish(self._run_perturbed(decision, forward), decision.layout, None)
         out = forward(*args, **kwargs)
@@ -211,6 +222,8 @@ class GuidedSession:
         layout = None if side_pass else self._layout(caller, arguments, batch, context)
         if layout is None:
             return CallDecision("shift", None, None, args, kwargs)
+        if self._reuses(layout):
+            return CallDecision("reuse", layout, None, args, kwargs)
         text = arguments.get(self.arch.text_arg) if self.arch.text_arg else None
         if self.arch.text_length is not None:
             n_text = self.arch.text_length(arguments)
@@ -252,9 +265,18 @@ class PipelineSession(GuidedSession):
         self.pattern = call_pattern_of(pipe)
         self._patterns: dict[type, Any] = {}  # call patterns of other pipelines sharing the denoiser
         self._step_delta: tuple[int, torch.Tensor] | None = None
+        # refresh > 1: (step, cond - perturbed) of the last step that ran the perturbed rows, and the schedule of its
+        # sampling run (every run's set_timesteps makes a new scheduler.timesteps tensor)
+        self._difference: tuple[int, torch.Tensor] | None = None
+        self._schedule: weakref.ref | None = None
+        self._reuse_at: tuple[int, bool] | None = None  # the refresh decision of the step running now
         super().__init__(denoiser, execution, settings)
         self.cond_record = rescale.CondRecord()
         self.rescale_modules = rescale.hold(pipe, self.cond_record)
+
+    def select(self, settings: Settings, row_heads: list[HeadSet] | None = None) -> None:
+        super().select(settings, row_heads)
+        self._difference = None  # a difference of other heads or settings is not reused
 
     def remove(self) -> None:
         super().remove()
@@ -299,8 +321,17 @@ class PipelineSession(GuidedSession):
             return (-1, scale) if scale > 0 and settings.interval[0] < settings.interval[1] else None
         pipe, _ = caller
         step, n_steps, t = pipeline_step(pipe.scheduler, timestep)
+        self._follow_run(pipe.scheduler.timesteps)
         scale = settings.scale_at(t)
         return (step, scale) if scale > 0 and in_interval(step, n_steps, settings.interval) else None
+
+    def _follow_run(self, timesteps: torch.Tensor) -> None:
+        """Keeps ``refresh``'s difference within one sampling run: a call on another schedule tensor than the last
+        call's (each run's ``set_timesteps`` makes a new one) starts a new run."""
+        if self._schedule is None or self._schedule() is not timesteps:
+            self._difference = None
+            self._reuse_at = None
+            self._schedule = weakref.ref(timesteps)
 
     def _layout(self, caller, arguments: dict, batch: int, context: str | None) -> RowLayout | None:
         pipe, pattern = caller
@@ -327,13 +358,36 @@ class PipelineSession(GuidedSession):
         sample = first_tensor(out)
         return replace_sample(out, (sample.float() + self._step_delta[1]).to(sample.dtype))
 
+    def _reuses(self, layout: RowLayout) -> bool:
+        """``refresh = k``: a guided step reuses the difference of a step ``j`` of this run with ``step - j < k``;
+        every call of one step gets the decision of its first (second-order schedulers, separate calls)."""
+        step = self._step
+        if self._reuse_at is None or self._reuse_at[0] != step or step < 0:
+            known = self._difference
+            reuse = known is not None and 0 < step - known[0] < self.settings.refresh
+            self._reuse_at = (step, reuse)
+        return self._reuse_at[1] and self._difference[1].shape[0] == len(layout.cond)
+
+    @torch.compiler.disable
+    def _finish_reused(self, out, layout: RowLayout):
+        """Folds this step's scale times the reused difference into ``out``'s rows."""
+        sample = first_tensor(out)
+        return self._fold_delta(out, sample, layout, self._scale * self._difference[1])
+
     @torch.compiler.disable
     def _finish(self, out, layout: RowLayout, perturbed_out):
         """Folds ``delta`` into the base rows of ``out``."""
         sample = first_tensor(out)
         base = sample[: layout.n_base]
         perturbed = sample[layout.n_base:] if perturbed_out is None else first_tensor(perturbed_out)
-        delta = perturbation_delta(base[layout.cond.start:layout.cond.stop], perturbed, self._scale, self.channels)
+        cond = base[layout.cond.start:layout.cond.stop]
+        delta = perturbation_delta(cond, perturbed, self._scale, self.channels)
+        if self.settings.refresh > 1 and self._step >= 0:
+            self._difference = (self._step, perturbation_delta(cond, perturbed, 1.0, self.channels))
+        return self._fold_delta(out, base, layout, delta)
+
+    def _fold_delta(self, out, base: torch.Tensor, layout: RowLayout, delta: torch.Tensor):
+        """``out`` with its sample replaced by the ``n_base`` rows of ``base`` moved by ``delta``."""
         self._step_delta = (self._step, delta)
         folded = fold(base, layout, delta)
         if layout.uncond is not None:  # the pipeline's guidance_rescale measures the unmoved cond rows

@@ -4,6 +4,7 @@ how it is executed."""
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 from ..heads import HeadSet
@@ -26,6 +27,9 @@ class Settings:
         interval: ``(start, stop)``: step ``i`` of ``T`` is guided iff ``start <= i / T < stop``.
         adaptive_scale: ``a`` of diffusers' ``pag_adaptive_scale`` (>= 0): at scheduler timestep ``t`` the PAG scale
             is ``max(0, scale - a * (1000 - t))`` (:meth:`scale_at`); 0 keeps ``scale`` on every step.
+        refresh: ``k`` (>= 1): the perturbed rows run on the first guided step of a sampling run and every ``k``-th
+            step after it; the guided steps in between run the plain batch and reuse the difference
+            ``cond - perturbed`` of the last step that ran them, times their own PAG scale. 1: every guided step.
     """
 
     heads: HeadSet
@@ -33,6 +37,7 @@ class Settings:
     mode: str
     interval: tuple[float, float]
     adaptive_scale: float = 0.0
+    refresh: int = 1
 
     def scale_at(self, timestep: float | None) -> float:
         """The PAG scale at scheduler timestep ``timestep`` (None: unknown, as on the meta device: ``scale``)."""
@@ -41,7 +46,7 @@ class Settings:
         return max(0.0, self.scale - self.adaptive_scale * (1000.0 - float(timestep)))
 
 
-def make_settings(denoiser, heads, scale, u, mode, interval, adaptive_scale=0.0) -> Settings:
+def make_settings(denoiser, heads, scale, u, mode, interval, adaptive_scale=0.0, refresh=1) -> Settings:
     """Checks every setting (a ``ValueError`` / ``TypeError`` names the argument) and resolves ``heads``."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -51,7 +56,21 @@ def make_settings(denoiser, heads, scale, u, mode, interval, adaptive_scale=0.0)
     if not len(heads):
         raise ValueError("heads is empty: select at least one (layer, head), e.g. '4:0' or [(4, 0)]")
     return Settings(heads, check_scale(scale), mode, check_interval(interval),
-                    check_scale(adaptive_scale, "adaptive_scale"))
+                    check_scale(adaptive_scale, "adaptive_scale"), check_refresh(refresh))
+
+
+def check_refresh(refresh) -> int:
+    """``refresh``: an integer >= 1 (the perturbed rows run every ``refresh``-th guided step)."""
+    what = f"refresh must be an integer >= 1 (1: the perturbed rows run on every guided step), got {refresh!r}"
+    if isinstance(refresh, bool):
+        raise TypeError(what)
+    try:
+        value = operator.index(refresh)
+    except TypeError:
+        raise TypeError(what) from None
+    if value < 1:
+        raise ValueError(what)
+    return value
 
 
 def check_interval(interval) -> tuple[float, float]:

@@ -150,6 +150,25 @@ def test_soft_image_mode_adaptive_scale_match_enable_fused():
     close(guided, standard, "fp32")
 
 
+@pytest.mark.parametrize("execution", ["fused", "eager"])
+def test_refresh_matches_enable_fused(execution):
+    """Both reuse ``cond - perturbed`` between refreshes; the guider's first PAG step (1) is enable_fused's."""
+    family = FAMILIES["sd3"]
+    pipe = family.build()
+    mp, inputs = modular(pipe, family.blocks), family.inputs(steps=6)
+    guided = run_modular(mp, _guider("1:*", 5.0, perturbed_guidance_scale=2.0, refresh=2, execution=execution,
+                                     adaptive_scale=0.001), modular_call(inputs))
+    every_step = run_modular(mp, _guider("1:*", 5.0, perturbed_guidance_scale=2.0, adaptive_scale=0.001),
+                             modular_call(inputs))
+    with headpag.fused(pipe, "1:*", scale=2.0, interval=(1 / 6, 1.0), refresh=2, adaptive_scale=0.001):
+        standard = M.run(pipe, inputs)
+    assert checks.effect(guided, every_step) > MIN_EFFECT
+    close(guided, standard, "fp32")
+    again = run_modular(mp, _guider("1:*", 5.0, perturbed_guidance_scale=2.0, refresh=2, execution=execution,
+                                    adaptive_scale=0.001), modular_call(inputs))
+    assert torch.equal(again, guided) if execution == "fused" else True  # no difference crosses runs
+
+
 def test_fused_equals_eager_and_leaves_the_denoiser_as_it_was():
     pipe, mp, inputs = _family("sd3")
     before = checks.snapshot(pipe)
@@ -194,11 +213,13 @@ def test_guider_config_round_trip(tmp_path):
     guider = HeadPerturbedAttentionGuidance(heads="1:*,2:0@0.5", guidance_scale=4.5, perturbed_guidance_scale=1.5,
                                             perturbed_guidance_start=0.1, perturbed_guidance_stop=0.9, u=0.75,
                                             mode="image", adaptive_scale=0.002, guidance_rescale=0.3,
-                                            use_original_formulation=True, execution="eager", start=0.1, stop=0.8)
+                                            use_original_formulation=True, execution="eager", refresh=3, start=0.1,
+                                            stop=0.8)
     guider.save_pretrained(tmp_path)
     loaded = HeadPerturbedAttentionGuidance.from_pretrained(tmp_path)
     assert _settings(loaded) == _settings(guider)
-    assert (loaded.heads, loaded.u, loaded.mode, loaded.execution) == ("1:*,2:0@0.5", 0.75, "image", "eager")
+    assert (loaded.heads, loaded.u, loaded.mode, loaded.execution, loaded.refresh) == (
+        "1:*,2:0@0.5", 0.75, "image", "eager", 3)
     assert loaded.new(perturbed_guidance_scale=3.0).perturbed_guidance_scale == 3.0
 
 
@@ -233,6 +254,12 @@ def test_saving_the_modular_pipeline_keeps_the_guider(tmp_path):
 def test_bad_settings_are_refused_naming_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         HeadPerturbedAttentionGuidance(**kwargs)
+
+
+@pytest.mark.parametrize("refresh, error", [(0, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_bad_refresh_is_refused(refresh, error):
+    with pytest.raises(error, match="refresh must be an integer >= 1"):
+        HeadPerturbedAttentionGuidance(heads="1:0", refresh=refresh)
 
 
 def test_heads_out_of_range_raise_at_the_first_guided_call():
