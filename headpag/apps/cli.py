@@ -1,9 +1,12 @@
-"""Command line: ``headpag hunt | generate | atlas``.
+"""Command line: ``headpag hunt | generate | atlas | demo | bench``.
 
 ``headpag hunt --model PATH_OR_ID --prompts FILE --objective pickscore --k 3 --rounds 5 --out DIR`` searches heads
 (``torchrun --nproc-per-node N -m headpag hunt ...`` shards the candidates over N processes);
 ``headpag generate --model ... --heads heads.json --scale 3 --u 0.5 --prompt ...`` samples with head-level PAG;
 ``headpag atlas RUN_DIR`` draws the head atlas and the score heatmap of a hunt.
+
+This module imports only the standard library at import time: torch, diffusers and transformers are imported by
+the command that needs them, so ``headpag --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -11,10 +14,17 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
-from ..kernels import MODES
+# headpag.kernels.MODES, spelled out so that building the parser imports no torch (a test checks they agree).
+MODES = ("joint", "image")
+# The embedded model's name for --model, and its objective (the default objective with --model digits).
+DIGITS = "digits"
+# generate: images whose shorter side is below this are upscaled (nearest neighbour) to at least this size.
+VIEW_SIDE = 256
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
@@ -157,12 +167,14 @@ def _load_pipeline(model: str, device: str | None, dtype: str):
     import torch
     from diffusers import DiffusionPipeline
 
-    if model == "digits":  # the embedded default: the digits model shipped with headpag
+    from .digits.pipeline import dtype_kwargs
+
+    if model == DIGITS:  # the embedded default: the digits model shipped with headpag
         from .digits import load_pipeline
 
         return load_pipeline(device=device or "cpu", torch_dtype=getattr(torch, dtype))
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype))
+        pipe = DiffusionPipeline.from_pretrained(model, **dtype_kwargs(getattr(torch, dtype)))
     except Exception as err:  # hub or file errors: say what failed and how to point at a local copy
         reason = " ".join(str(err).split())  # hub errors span lines
         raise CommandError(f"cannot load pipeline {model!r} ({type(err).__name__}: {reason}); pass --model a local "
@@ -173,6 +185,16 @@ def _load_pipeline(model: str, device: str | None, dtype: str):
     return pipe.to(device)
 
 
+def _set_threads(args) -> None:
+    """``--threads``: torch's CPU threads; by default 1 with ``--model digits`` (the tiny model runs fastest on one
+    thread, and far faster than on several when the machine is busy), else torch's own setting."""
+    import torch
+
+    threads = args.threads if args.threads is not None else (1 if args.model == DIGITS else 0)
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def _init_distributed() -> None:
     import torch
 
@@ -180,10 +202,20 @@ def _init_distributed() -> None:
         torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def _objective_name(args) -> str:
+    """``--objective``, or its default: ``digits`` with ``--model digits``, else ``pickscore``."""
+    if args.objective is not None:
+        return args.objective
+    return DIGITS if args.model == DIGITS else "pickscore"
+
+
 def _objective(args):
+    """The objective of ``hunt``; a failure to build it (a model not on disk and no hub) is one line that names
+    the options to use."""
     from ..search.objectives import get_objective
 
-    if args.objective == "digits":  # the embedded digit classifier: confidence in the asked digit
+    name = _objective_name(args)
+    if name == DIGITS:  # the embedded digit classifier: confidence in the asked digit
         from .digits.objective import DigitObjective
 
         return DigitObjective()
@@ -193,7 +225,16 @@ def _objective(args):
         kwargs["model"] = args.objective_model
     if args.objective_processor:
         kwargs["processor"] = args.objective_processor
-    return get_objective(args.objective, **kwargs)
+    try:
+        return get_objective(name, **kwargs)
+    except Exception as err:  # hub or file errors, raised from deep inside transformers
+        reason = " ".join(str(err).split())
+        if len(reason) > 300:
+            reason = reason[:300] + " ..."
+        hint = (" (with --model digits, --objective digits uses the embedded classifier)" if args.model == DIGITS
+                else "")
+        raise CommandError(f"--objective {name}: cannot load its model ({type(err).__name__}: {reason}); pass "
+                           f"--objective-model and --objective-processor local directories{hint}") from None
 
 
 class _Heads:
@@ -237,19 +278,111 @@ def _heads_arg(text: str | None, option: str) -> _Heads | None:
     return None if text is None else _Heads(text, option)
 
 
-def cmd_hunt(args) -> int:
-    from ..search import hunt
+def _denoiser_shape(model: str):
+    """The pipeline's denoiser built from its config alone on the meta device (no weights read), to check head
+    options before the model loads; None when that cannot be done quickly (a hub id not on disk, an unknown class)."""
+    import torch
 
+    if model == DIGITS:
+        from diffusers import SD3Transformer2DModel
+
+        from .digits import TRANSFORMER_CONFIG
+
+        with torch.device("meta"):
+            return SD3Transformer2DModel(**TRANSFORMER_CONFIG)
+    if not (Path(model) / "model_index.json").is_file():
+        return None
+    import diffusers
+
+    try:
+        index = diffusers.DiffusionPipeline.load_config(model)
+        for sub in ("transformer", "unet"):
+            if isinstance(index.get(sub), (list, tuple)) and len(index[sub]) == 2:
+                cls = getattr(diffusers, index[sub][1], None)
+                if cls is None:
+                    return None
+                with torch.device("meta"):
+                    return cls.from_config(cls.load_config(model, subfolder=sub))
+    except Exception:  # noqa: BLE001 - an early check only: the loaded model is checked again
+        return None
+    return None
+
+
+def _check_heads_early(model: str, *heads: _Heads | None) -> None:
+    """Head options checked against the model's shape before it loads (ranges, files written for another
+    model); anything this cannot tell is checked again against the loaded model."""
+    heads = [h for h in heads if h is not None]
+    if not heads:
+        return
+    denoiser = _denoiser_shape(model)
+    if denoiser is None:
+        return
+    for h in heads:
+        try:
+            h.for_model(denoiser)
+        except CommandError:
+            raise
+        except Exception:  # noqa: BLE001 - e.g. a check that needs weights: the loaded model decides
+            pass
+
+
+def _check_objective(args) -> None:
+    """``--objective`` is a known name (before anything loads)."""
+    from ..search.objectives import OBJECTIVES
+
+    name = _objective_name(args)
+    if name != DIGITS and name.strip().lower() not in OBJECTIVES:
+        raise CommandError(f"--objective must be one of {', '.join(sorted([*OBJECTIVES, DIGITS]))}, got {name!r}")
+
+
+def _check_digit_prompts(prompts: list[str], path: str) -> None:
+    """With ``--model digits`` every prompt is one digit 0-9."""
+    bad = [p for p in prompts if not re.fullmatch(r"[0-9]", p)]
+    if bad:
+        raise CommandError(f"--prompts {path}: --model digits takes one digit 0-9 per line, got {bad[0]!r}")
+
+
+def _recorded_candidates(out: str) -> int:
+    """Candidate evaluations recorded in a run directory (0 when none can be read)."""
+    try:
+        from ..search.run_dir import read_records
+
+        return len(read_records(out))
+    except Exception:  # noqa: BLE001 - a count for a message; the rerun checks the directory properly
+        return 0
+
+
+def cmd_hunt(args) -> int:
     prompts = _read_prompts(args.prompts)
     check_output_dir(args.out, "--out")
+    _check_objective(args)
+    if args.model == DIGITS:
+        _check_digit_prompts(prompts, args.prompts)
     _check_device(args.device)
     candidates, init = _heads_arg(args.candidates, "--candidates"), _heads_arg(args.init, "--init")
+    _check_heads_early(args.model, candidates, init)
+    try:
+        return _hunt(args, prompts, candidates, init)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"\nheadpag hunt: interrupted; {_recorded_candidates(args.out)} candidate evaluation(s) are recorded "
+                  f"in {args.out}; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _hunt(args, prompts, candidates, init) -> int:
+    from ..search import hunt
+
+    objective = _objective(args)  # before the pipeline: a missing objective model fails in seconds
+    _set_threads(args)
     _init_distributed()
     pipe = _load_pipeline(args.model, args.device, args.dtype)
     candidates = candidates and candidates.for_model(pipe)
     init = init and init.for_model(pipe)
     result = hunt(
-        pipe, _objective(args), prompts, seeds=args.seeds, k=args.k, rounds=args.rounds,
+        pipe, objective, prompts, seeds=args.seeds, k=args.k, rounds=args.rounds,
         candidates=candidates, init=init, scale=args.scale, u=args.u, mode=args.mode,
         guidance_scale=args.guidance_scale, num_inference_steps=args.steps, out_dir=args.out,
         batch_size=args.batch_size, strategy=args.strategy,
@@ -261,39 +394,119 @@ def cmd_hunt(args) -> int:
     return 0
 
 
+def default_output_name(args, heads) -> str:
+    """``generate``'s file name when ``--output`` is not given: the prompt and the settings, e.g.
+    ``headpag-7-seed0-heads-1.1_2.0-w3-20steps.png`` (``-grid`` with ``--grid``; ``-noPAG`` without ``--heads``)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", args.prompt.lower()).strip("-")[:40].rstrip("-") or "prompt"
+    parts = ["headpag", slug, f"seed{args.seed}"]
+    if heads is None:
+        parts.append("noPAG")
+    else:
+        text = str(heads.heads)
+        label = re.sub(r"[^0-9a-z*.@]+", "_", text.replace(":", ".").replace("*", "all"))
+        parts += [f"heads-{label}" if len(label) <= 40 else f"heads-{Path(heads.path).stem if heads.path else len(heads.heads)}",
+                  f"w{args.scale:g}"]
+        if args.u is not None:
+            parts.append(f"u{args.u:g}")
+        if args.mode != "joint":
+            parts.append(args.mode)
+    parts.append(f"{args.steps}steps")
+    if args.grid:
+        parts.append("grid")
+    return "-".join(parts) + ".png"
+
+
+def viewable(image, side: int = VIEW_SIDE):
+    """``image`` (PIL) upscaled by the smallest integer factor that makes its shorter side at least ``side``,
+    nearest neighbour (pixels stay sharp squares); unchanged when it is that large already."""
+    from PIL import Image
+
+    factor = math.ceil(side / min(image.size))
+    if factor <= 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+
+
+def side_by_side(images, captions, gap: int = 8):
+    """The images (PIL, same size) in a row on a grey background, each with its caption above it."""
+    from PIL import Image, ImageDraw
+
+    w, h = images[0].size
+    band = 16
+    canvas = Image.new("RGB", (len(images) * w + (len(images) + 1) * gap, h + band + 2 * gap), (64, 64, 64))
+    draw = ImageDraw.Draw(canvas)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        x = gap + i * (w + gap)
+        draw.text((x, gap), caption, fill=(255, 255, 255))
+        canvas.paste(image.convert("RGB"), (x, gap + band))
+    return canvas
+
+
 def cmd_generate(args) -> int:
+    heads = _heads_arg(args.heads, "--heads")
+    if args.grid and heads is None:
+        raise CommandError("--grid puts the unguided and the guided image side by side: it needs --heads")
+    output = args.output if args.output is not None else default_output_name(args, heads)
+    _check_output_file(output, "--output")
+    _check_device(args.device)
+    _check_heads_early(args.model, heads)
     import torch
 
     from .. import disable, enable_fused
 
-    _check_output_file(args.output, "--output")
-    _check_device(args.device)
-    heads = _heads_arg(args.heads, "--heads")
+    _set_threads(args)
     pipe = _load_pipeline(args.model, args.device, args.dtype)
+
+    def sample():
+        kwargs = {"num_inference_steps": args.steps, "generator": torch.Generator("cpu").manual_seed(args.seed)}
+        if args.guidance_scale is not None:
+            kwargs["guidance_scale"] = args.guidance_scale
+        if args.guidance_rescale is not None:
+            kwargs["guidance_rescale"] = args.guidance_rescale
+        return pipe(args.prompt, **kwargs).images[0]
+
+    selected = heads and heads.for_model(pipe)
+    plain = sample() if args.grid else None  # the same seed without PAG
     if heads is not None:  # enable_fused checks scale (negative or NaN refused; 0 runs the plain pipeline)
-        enable_fused(pipe, heads.for_model(pipe), scale=args.scale, u=args.u, mode=args.mode,
-                     adaptive_scale=args.adaptive_scale)
-    kwargs = {"num_inference_steps": args.steps, "generator": torch.Generator("cpu").manual_seed(args.seed)}
-    if args.guidance_scale is not None:
-        kwargs["guidance_scale"] = args.guidance_scale
-    if args.guidance_rescale is not None:
-        kwargs["guidance_rescale"] = args.guidance_rescale
+        enable_fused(pipe, selected, scale=args.scale, u=args.u, mode=args.mode, adaptive_scale=args.adaptive_scale)
     try:
-        image = pipe(args.prompt, **kwargs).images[0]
+        image = sample()
     finally:
         disable(pipe)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    image.save(args.output)
-    print(f"wrote {args.output}")
+    size = image.size
+    image = viewable(image)
+    if plain is not None:
+        guided = f"PAG w={args.scale:g} heads {selected}" + (f" u={args.u:g}" if args.u is not None else "")
+        image = side_by_side([viewable(plain), image], ["no PAG", guided if len(guided) <= 48 else guided[:45] + "..."])
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    image.save(output)
+    note = "" if image.size == size else f" (model output {size[0]}x{size[1]}, upscaled nearest-neighbour)"
+    print(f"wrote {output}: {image.size[0]}x{image.size[1]}{note}")
     return 0
 
 
 def cmd_atlas(args) -> int:
-    from ..search.atlas import make_atlas
+    from ..search.run_dir import read_settings
 
     if not Path(args.run_dir).is_dir():
         raise CommandError(f"run directory not found: {args.run_dir}")
-    for path in make_atlas(args.run_dir):
+    settings = read_settings(args.run_dir)
+    model = args.model
+    if model is None and settings.get("pipeline_class") == "DigitsPipeline":
+        model = DIGITS  # the embedded model: regenerating its images takes seconds
+    pipe = None
+    if model is not None:
+        _check_device(args.device)
+        _set_threads(argparse.Namespace(threads=args.threads, model=model))
+        from ..search.atlas import regenerate
+
+        pipe = _load_pipeline(model, args.device, args.dtype)
+        print(f"atlas: generating every round-1 candidate on every prompt/seed with {model} to show where each "
+              f"head differs most from the unguided image", flush=True)
+    from ..search.atlas import head_atlas, score_heatmap
+
+    images = regenerate(args.run_dir, pipe) if pipe is not None else None
+    for path in (head_atlas(args.run_dir, images=images), score_heatmap(args.run_dir)):
         print(f"wrote {path}")
     return 0
 
@@ -335,12 +548,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "over the image-image block only")
         p.add_argument("--guidance-scale", type=_finite, default=None, help="CFG scale (default: the pipeline's; hunt: "
                        "CFG off as in the paper)")
+        p.add_argument("--threads", type=_non_negative_int, default=None, help="torch CPU threads (default: 1 with "
+                       "--model digits, fastest for the tiny model; else torch's setting; 0 keeps torch's setting)")
 
     p = sub.add_parser("hunt", help="greedy head search (HeadHunter)")
     model_args(p)
-    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    p.add_argument("--objective", default="pickscore", help="pickscore, clip, or digits (the embedded digit classifier, "
-                   "for --model digits)")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line (--model digits: one digit 0-9 "
+                   "per line)")
+    p.add_argument("--objective", default=None, help="pickscore, clip, or digits (the embedded digit classifier; the "
+                   "default with --model digits, else pickscore)")
     p.add_argument("--objective-model", default=None, help="local path or id of the objective's model")
     p.add_argument("--objective-processor", default=None, help="local path or id of the objective's processor")
     p.add_argument("--k", type=_positive_int, default=3, help="heads added per round")
@@ -349,10 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--u", type=_unit, default=1.0, help="coefficient of a candidate head, in [0, 1] (SoftPAG when < 1)")
     p.add_argument("--candidates", default=None, help="heads to consider, e.g. '4:*,5:*' (default: all)")
     p.add_argument("--init", default=None, help="starting heads: a heads.json or a head string")
-    p.add_argument("--batch-size", type=_batch_size, default="auto", help="jobs per pipeline call, or auto")
+    p.add_argument("--batch-size", type=_batch_size, default="auto", help="jobs per pipeline call, or auto (from "
+                   "the model's measured cost per row and the device's memory; printed)")
     p.add_argument("--strategy", default="exact", choices=("exact", "halving"), help="exact greedy search or "
                    "successive halving (an approximation)")
-    p.add_argument("--out", required=True, help="run directory (rerun to resume)")
+    p.add_argument("--out", required=True, help="run directory (rerun the same command to resume, e.g. after Ctrl-C)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_hunt)
 
@@ -366,11 +583,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "HunyuanDiT), applied as diffusers' PAG pipelines do")
     p.add_argument("--prompt", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default="headpag.png", help="PNG path")
+    p.add_argument("--output", default=None, help="image path (default: a name from the prompt and the settings, "
+                   "printed, in the current directory); images smaller than 256 pixels are upscaled "
+                   "nearest-neighbour")
+    p.add_argument("--grid", action="store_true", help="write the unguided and the guided image (same seed) side "
+                   "by side")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("atlas", help="head atlas and score heatmap of a hunt's run directory")
     p.add_argument("run_dir")
+    p.add_argument("--model", default=None, help="the run's model (as for hunt): generate every round-1 candidate "
+                   "again to show each head where it changes the image most (default: 'digits' for a run of the "
+                   "digits model; else the stored first-prompt thumbnails)")
+    p.add_argument("--device", default=None, help="torch device for --model")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights dtype for --model")
+    p.add_argument("--threads", type=_non_negative_int, default=None, help="torch CPU threads (as for hunt)")
     p.set_defaults(func=cmd_atlas)
 
     p = sub.add_parser("demo", help="head-level PAG on the embedded digits model: table and sample grid (CPU, minutes)",
@@ -408,13 +635,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "the GPU suites when CUDA is present")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                    help="what to run (default: all; gpu is skipped with a message without CUDA)")
-    p.add_argument("--quick", action="store_true", help="FLOPs of SD3-medium with one head set only (smoke test)")
+    p.add_argument("--quick", action="store_true", help="smoke test of a minute or two: FLOPs of SD3-medium with one "
+                   "head set, the CPU section on a small image with 2 rounds and the N=256 kernel cases")
     p.add_argument("--rounds", type=_positive_int, default=None, help="timed rounds per wall-clock benchmark "
                    "(default: each suite's own)")
     p.add_argument("--readme", default=None, metavar="PATH", help="also replace the report between the "
                    "'<!-- headpag bench: begin/end -->' lines of this Markdown file (e.g. README.md)")
-    p.add_argument("--out", default="bench/results", help="directory for headpag-bench.json and report.md "
-                   "(default: bench/results)")
+    p.add_argument("--out", default=os.path.join("bench", "results"), help="directory for headpag-bench.json and "
+                   "report.md (default: bench/results under the current directory; printed)")
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -431,10 +659,16 @@ def _subparser_class(common: argparse.ArgumentParser):
 
 def main(argv=None) -> int:
     """Runs one command. An error prints one line, ``headpag COMMAND: error: MESSAGE``, on stderr and returns 2 (as
-    argparse does for bad options); with ``--debug`` it is raised with its traceback instead."""
+    argparse does for bad options); Ctrl-C prints one line and returns 130; with ``--debug`` either is raised with
+    its traceback instead."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (hunt says how to resume)
+        if args.debug:
+            raise
+        print(f"\nheadpag {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - every error of a command becomes one line (or a traceback with --debug)
         if args.debug:
             raise

@@ -16,8 +16,10 @@ PAG settings run CFG off (``--guidance-scale``, default 1), as in the HeadHunter
 setting it reports the objective (mean classifier confidence of the asked digit), the fraction of images the
 classifier recognises as the asked digit, and for PAG settings the time per denoising step of
 ``headpag.enable_fused`` and of ``headpag.enable_eager`` (and the largest pixel difference between the two, a
-correctness check). Writes ``headpag-demo.png`` (one row of samples per setting) and ``headpag-demo.json`` into
-``--out``.
+correctness check). Writes ``headpag-demo.png`` and ``headpag-demo.json`` into ``--out``. The PNG explains itself:
+a title with the model, steps, scale and mode; a band of samples per setting labelled with its heads and score;
+a cell per digit with its seeds (every seed of the table up to ``FIGURE_SEEDS``, else a note of which are shown)
+under a digit / seed header.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 
 from ..kernels import MODES
 
-GRID_SEEDS = 4  # images per digit shown in the PNG grid
+FIGURE_SEEDS = 8  # at most this many seeds per digit are drawn in the PNG (the title says when fewer than the table)
 
 
 @dataclass
@@ -153,6 +155,35 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def row_labels(row: Row) -> list[str]:
+    """The figure's label of a row: its setting, what it perturbs, its score."""
+    what = {"none": "no CFG, no PAG"}.get(row.name, row.description if row.heads == "-" else f"heads {row.heads}")
+    name = f"hunted by {row.description}" if row.name == "hunted" else row.name
+    return [name, what, f"score {row.score:.3f}, {row.recognised:.0%} recognised"]
+
+
+def save_figure(rows: list[Row], cfg: DemoConfig, pipe, path: Path) -> str:
+    """``headpag-demo.png``: title, digit / seed header, one labelled band of samples per row (see the module
+    docstring)."""
+    from .digits.grid import save_table_figure
+
+    shown = min(cfg.seeds, FIGURE_SEEDS)
+    keep = [i for i in range(10 * cfg.seeds) if i % cfg.seeds < shown]
+    config = pipe.transformer.config
+    title = [
+        f"headpag demo: perturbed-attention guidance (PAG) per head on the embedded digits model "
+        f"({type(pipe.transformer).__name__}, {config.num_layers} layers x {config.num_attention_heads} heads)",
+        f"{cfg.steps} steps; PAG scale w={cfg.scale:g}, mode {cfg.mode}, CFG scale {cfg.guidance_scale:g} on the PAG "
+        f"rows; every row starts from the same noise per digit and seed",
+        f"score: mean classifier confidence in the asked digit over {10 * cfg.seeds} images (10 digits x "
+        f"{cfg.seeds} seeds); heads as layer:head (@u: SoftPAG coefficient u)",
+    ]
+    if shown < cfg.seeds:
+        title.append(f"shown: seeds 0-{shown - 1} of the table's 0-{cfg.seeds - 1}")
+    return save_table_figure([r.images[keep] for r in rows], path, labels=[row_labels(r) for r in rows],
+                             digits=range(10), seeds=range(shown), title=title)
+
+
 def run_demo(config: DemoConfig | None = None, *, log=print) -> dict:
     """Runs the demo (module docstring); returns the results (also written to ``out/headpag-demo.json``)."""
     cfg = config or DemoConfig()
@@ -169,7 +200,6 @@ def run_demo(config: DemoConfig | None = None, *, log=print) -> dict:
 def _run(cfg: DemoConfig, log) -> dict:
     from .. import disable, enable_eager, enable_fused, hunt
     from .digits import DigitObjective, load_pipeline
-    from .digits.grid import save_grid
 
     out = Path(cfg.out)
     t0 = time.perf_counter()
@@ -231,9 +261,7 @@ def _run(cfg: DemoConfig, log) -> dict:
     log(f"  hunt: {result.images_generated} images in {hunt_seconds:.0f} s, selected {result.heads}")
     rows.append(pag_row("hunted", f"HeadHunter ({cfg.hunt_rounds} round(s), k={cfg.hunt_k})", result.heads, None))
 
-    shown = [i for i in range(len(prompts)) if i % cfg.seeds < GRID_SEEDS]  # the first seeds of every digit
-    grid = save_grid([r.images[shown] for r in rows], out / "headpag-demo.png", labels=[r.name for r in rows],
-                     zoom=4, label_width=84)
+    grid = save_figure(rows, cfg, pipe, out / "headpag-demo.png")
     table = format_table(rows)
     summary = {
         "config": asdict(cfg),

@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..archs import call_pattern_of, get_denoiser, list_layers
+from ..archs import call_pattern_of, list_layers
 from ..guided import EXECUTIONS, disable, enable, set_row_heads
 from ..guided.session import attach, sessions_of
 from ..guided.settings import check_scale
@@ -231,17 +231,28 @@ def _top(means: dict[Head, float], k: int) -> list[Head]:
     return sorted(means, key=lambda h: (-means[h], h))[:k]
 
 
-def _auto_batch_size(pipe, n_jobs: int) -> int:
-    """Jobs per pipeline call: on CUDA from the free memory and a measured per-row cost, else 4."""
-    device = getattr(pipe, "device", torch.device("cpu"))
-    if device.type != "cuda":
-        return max(1, min(4, n_jobs))
-    free, _ = torch.cuda.mem_get_info(device)
-    denoiser = get_denoiser(pipe)
-    params = sum(p.numel() * p.element_size() for p in denoiser.parameters())
-    # Activations of one guided row grow with the model; a conservative tenth of the weights per row.
-    per_row = max(params // 10, 64 << 20)
-    return max(1, min(n_jobs, int(0.5 * free // per_row)))
+def _auto_batch_size(hunter: "_Hunter", heads: list[Head], selected: dict[Head, float], n_jobs: int) -> int:
+    """Jobs per pipeline call from a probe of this pipeline (one-step calls of 1 and a few jobs): its measured
+    bytes and seconds per row, the device's available memory and the steps per call
+    (:mod:`headpag.search.batching`)."""
+    from .batching import auto_batch_size
+
+    def probe(rows: int) -> None:
+        jobs = [_Job(heads[i % len(heads)], i % len(hunter.pairs)) for i in range(rows)]
+        saved = hunter.num_inference_steps, hunter.images_generated, hunter.generate_seconds
+        hunter.num_inference_steps = 1
+        try:
+            hunter.generate(jobs, selected)
+        finally:
+            hunter.num_inference_steps, hunter.images_generated, hunter.generate_seconds = saved
+
+    device = getattr(hunter.pipe, "_execution_device", None) or getattr(hunter.pipe, "device", torch.device("cpu"))
+    size, cost = auto_batch_size(probe, torch.device(device), hunter.num_inference_steps, n_jobs)
+    if hunter.verbose and hunter.rank == 0:
+        print(f"batch size auto: {size} jobs per pipeline call (measured per row: "
+              f"{cost.bytes_per_row / 2**20:.1f} MiB, {1000 * cost.seconds_per_row_step:.1f} ms per step; "
+              f"{n_jobs} jobs per round at most)", flush=True)
+    return size
 
 
 def hunt(
@@ -280,7 +291,8 @@ def hunt(
         guidance_scale: the pipeline's CFG scale; None turns CFG off, as in the paper (Flux keeps its distilled
             guidance).
         out_dir: run directory for records, thumbnails and results; rerunning resumes.
-        batch_size: jobs per pipeline call, or "auto" (from free GPU memory; 4 on CPU).
+        batch_size: jobs per pipeline call, or "auto": from a probe of the pipeline's bytes and seconds per row
+            and the device's available memory (GPU or CPU alike; :mod:`headpag.search.batching`).
         strategy: "exact" or "halving" (successive halving, an approximation).
         encode: maps a list of prompt strings to pipeline keyword arguments (default ``{"prompt": texts}``),
             e.g. to pass precomputed ``prompt_embeds``.
@@ -364,8 +376,11 @@ def _search(pipe, objective, prompts, seeds, k, rounds, pool, selected, scale, u
     start = time.perf_counter()
     try:
         hunter = _Hunter(pipe, objective, prompts, seeds, scale, u, mode, guidance_scale, num_inference_steps,
-                         _auto_batch_size(pipe, len(pool) * len(prompts) * len(seeds)) if batch_size == "auto"
-                         else batch_size, encode, run_dir, rank, world, verbose, pipeline_kwargs, settings_id)
+                         1 if batch_size == "auto" else batch_size, encode, run_dir, rank, world, verbose,
+                         pipeline_kwargs, settings_id)
+        if batch_size == "auto":
+            hunter.batch_size = _auto_batch_size(hunter, pool, selected,
+                                                 math.ceil(len(pool) / world) * len(hunter.pairs))
         n_pairs = len(hunter.pairs)
         for round_ in range(1, rounds + 1):
             remaining = [h for h in pool if h not in selected]

@@ -392,3 +392,48 @@ def test_full_size_section_covers_flux2_qwen_image_and_wan():
         f = result["flops"]
         assert 1.0 <= result["ratios"]["fused/minimum"] <= 1.02, (name, result["fused_excess_over_minimum"])
         assert f["cfg_only"] < f["minimum"] <= f["fused"] < f["eager"] == 2 * f["cfg_only"]
+
+
+# ---- --quick and the output (issue 15) -----------------------------------------------------------------------------
+
+def test_quick_cpu_section_runs_the_small_setting_and_the_n256_kernels(monkeypatch):
+    """``--quick`` is a smoke test: the CPU section gets QUICK_CPU (8x8 latent, 2 rounds) and the N=256 kernel
+    cases, not the full setting."""
+    seen = {}
+    monkeypatch.setattr(guided_step, "run", lambda setting, rounds=None: seen.setdefault("step", (setting, rounds)))
+    monkeypatch.setattr(kernel_sweep, "run", lambda device, cases=None, rounds=None:
+                        seen.setdefault("kernels", (device, cases, rounds)))
+    report.cpu_section(quick=True)
+    setting, rounds = seen["step"]
+    assert setting is report.QUICK_CPU and rounds is None
+    assert setting.image_tokens == 16 and setting.rounds == 2 and setting.model == guided_step.SETTINGS["cpu"].model
+    device, cases, rounds = seen["kernels"]
+    assert device == "cpu" and rounds == report.QUICK_KERNEL_ROUNDS
+    assert cases and {c.N for c in cases} == {256} and len(cases) == len(kernel_sweep.cpu_cases()) // 2
+    seen.clear()
+    report.cpu_section(quick=False)
+    assert seen["step"] == ("cpu", None) and seen["kernels"] == ("cpu", None, None)
+
+
+def test_bench_prints_where_its_results_go(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert report.main(sections=("gpu",)) == 0
+    out = capsys.readouterr().out
+    assert f"results go to {tmp_path / 'bench' / 'results'}" in out
+    assert (tmp_path / "bench" / "results" / report.JSON_NAME).is_file()
+
+
+def test_no_torchvision_notice_from_the_pipeline_imports():
+    """Without torchvision, transformers logs a notice when diffusers' IP-Adapter loader imports CLIPImageProcessor;
+    the report binds the Pil classes first (what the notice advises), so importing the pipelines prints nothing."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: transformers prints no notice")
+    bind = "from headpag.apps.benchmarks.machine import use_pil_image_processors; use_pil_image_processors(); "
+    for prefix, expect_notice in (("", True), (bind, False)):
+        snippet = prefix + "from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, FluxPipeline"
+        proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, check=True)
+        assert ("requires torchvision" in proc.stderr) is expect_notice, proc.stderr

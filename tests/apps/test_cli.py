@@ -50,11 +50,17 @@ def test_hunt_atlas_generate(model_dir, tiny_clip_dirs, tmp_path, capsys):
     assert main(["atlas", str(run)]) == 0
     for name in ("atlas.png", "heatmap.png"):
         assert Image.open(run / name).size[0] > 100
+    thumbs_only = Image.open(run / "atlas.png").size
+    # With the run's model: every head generated again on the 2 prompts x 2 seeds (a tile of 4 images each).
+    assert main(["atlas", str(run), "--model", model_dir]) == 0
+    assert Image.open(run / "atlas.png").size != thumbs_only
+    assert main(["atlas", str(run), "--model", "digits"]) == 2  # not the run's model
+    assert "not the one the search ran on" in capsys.readouterr().err
 
     out = tmp_path / "sample.png"
     assert main(["generate", "--model", model_dir, "--heads", str(run / "heads.json"), "--scale", "3", "--u", "0.5",
                  "--prompt", "a cat", "--steps", "2", "--output", str(out)]) == 0
-    assert Image.open(out).size == (16, 16)
+    assert Image.open(out).size == (256, 256)  # 16 x 16 upscaled nearest-neighbour to a viewable size
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +95,9 @@ def test_hunt_options_reach_the_search(monkeypatch, tmp_path, capsys, digits_tra
                  "--objective-model", "OM", "--objective-processor", "OP", "--k", "2", "--rounds", "3", "--seeds", "3",
                  "4", "--u", "0.5", "--candidates", "0:*,2:1", "--init", str(init), "--batch-size", "5",
                  "--strategy", "halving", "--out", str(tmp_path / "OUT"), "--quiet"]) == 0
-    assert calls == [
-        ("load", "MODEL", "cpu", "bfloat16"),
+    assert calls == [  # the objective first: a missing objective model fails before the pipeline loads
         ("objective", "clip", dict(model="OM", processor="OP")),
+        ("load", "MODEL", "cpu", "bfloat16"),
         ("hunt", PIPE, "OBJECTIVE", ["a cat", "a dog"], dict(
             seeds=[3, 4], k=2, rounds=3, candidates=HeadSet("0:*,2:1"), init=HeadSet("1:0@0.5"), scale=2.5, u=0.5,
             mode="image", guidance_scale=1.5, num_inference_steps=7, out_dir=str(tmp_path / "OUT"), batch_size=5,
@@ -108,8 +114,8 @@ def test_generate_options_reach_the_pipeline(monkeypatch, tmp_path, scale, digit
     call --prompt, --steps, --guidance-scale, --guidance-rescale and --seed; the image goes to --output and the
     pipeline is disabled after the call."""
     events = []
-    monkeypatch.setattr(api, "enable", lambda pipe, heads, *, execution, scale, u, mode, interval, adaptive_scale:
-                        events.append(("enable", pipe, heads, scale, u, mode, execution, adaptive_scale)))
+    monkeypatch.setattr(api, "enable", lambda pipe, heads, *, execution, scale, u, mode, interval, adaptive_scale,
+                        **defaults: events.append(("enable", pipe, heads, scale, u, mode, execution, adaptive_scale)))
     monkeypatch.setattr(api, "detach", lambda pipe: events.append(("disable", pipe)))
 
     class FakePipe:
@@ -132,7 +138,7 @@ def test_generate_options_reach_the_pipeline(monkeypatch, tmp_path, scale, digit
     enabled = ("enable", pipe, HeadSet("1:0,2:1@0.5"), scale, 0.25, "image", "fused", 0.01)
     assert events == [("load", "MODEL", "cpu", "float16"), enabled, ("call", "a cat", 7, 1.5, 0.7, 11),
                       ("disable", pipe)]
-    assert Image.open(out).size == (5, 3)
+    assert Image.open(out).size == (5 * 86, 3 * 86)  # upscaled: the shorter side to >= 256
 
 
 def test_missing_model_says_how_to_point_at_a_local_copy(tmp_path, capsys):
@@ -151,3 +157,18 @@ def test_counts_must_be_positive(argv, option, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(argv)
     assert f"argument {option}: expected an int >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("heads, message", [("99:0", "layer 99"), ("0:5", "head 5")])
+def test_head_ranges_are_checked_before_the_model_loads(model_dir, heads, message, monkeypatch, tmp_path, capsys):
+    """The denoiser is built from the saved pipeline's config on the meta device: a head out of range is refused
+    without loading the weights (the loader here fails the test if called)."""
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *args: pytest.fail("the model was loaded"))
+    assert main(["generate", "--model", model_dir, "--heads", heads, "--prompt", "x",
+                 "--output", str(tmp_path / "x.png")]) == 2
+    assert message in capsys.readouterr().err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    assert main(["hunt", "--model", model_dir, "--candidates", heads, "--prompts", str(prompts), "--objective", "clip",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert message in capsys.readouterr().err

@@ -189,7 +189,7 @@ def test_generate_output_is_checked_before_loading(fake, tmp_path, capsys):
 def test_generate_creates_a_missing_output_directory(fake, tmp_path, capsys):
     out = tmp_path / "new" / "dir" / "out.png"
     assert run(generate(tmp_path) + ["--output", str(out)], capsys)[0] == 0
-    assert Image.open(out).size == (4, 4)
+    assert Image.open(out).size == (256, 256)  # the 4 x 4 image upscaled to a viewable size
 
 
 def test_a_read_only_output_directory_is_refused(fake, tmp_path, capsys, monkeypatch):

@@ -237,3 +237,76 @@ def test_missing_matplotlib_message(run_dir, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r"pip install 'headpag\[plots\]'"):
         atlas.head_atlas(run_dir)
+
+
+# ----------------------------------------------------------------------------------------- issue 15: pictures
+
+
+def test_robust_range_ignores_a_low_outlier():
+    values = [0.999, 0.998, 0.997, 0.996, 0.995, 0.994, 0.783, float("nan")]
+    # quartiles of the 7 finite values: q1 = 0.9945, q3 = 0.9975; fence = 0.99: 0.783 falls outside
+    assert atlas.robust_range(values) == (0.994, 0.999)
+    assert atlas.robust_range([0.5, 0.6, 0.7]) == (0.5, 0.7)  # no outlier: the whole range
+    assert atlas.robust_range([0.4, 0.4]) == pytest.approx((-0.1, 0.9))  # constant: +-0.5
+    assert atlas.robust_range([]) == (0.0, 1.0)
+
+
+def test_decimals_separate_the_top_values():
+    assert atlas.decimals_for([0.99980, 0.99979, 0.5]) == 5  # 3 or 4 decimals would print them alike
+    assert atlas.decimals_for([0.91, 0.82, 0.5]) == 3
+    assert atlas.decimals_for([1.0, 0.9999996]) == 6  # capped at 6 even when they still agree there
+
+
+def test_score_heatmap_has_a_panel_per_round(run_dir, tmp_path):
+    one = _rgb(atlas.score_heatmap(run_dir, tmp_path / "r1.png", round=1))
+    both = _rgb(atlas.score_heatmap(run_dir, tmp_path / "all.png"))
+    assert both.shape[0] == one.shape[0] and abs(both.shape[1] - 2 * one.shape[1]) <= 4
+    red_boxes = _mask(both, RED, tol=30)
+    assert red_boxes[:, : one.shape[1]].sum() > 20 and red_boxes[:, one.shape[1]:].sum() > 20  # both rounds' picks
+
+
+def test_score_heatmap_outlier_does_not_flatten_the_top(run_dir, tmp_path):
+    """One very low head: its cell is drawn in the 'under' grey, and the other cells still span the colour map
+    (with a min-max range they would all be the same yellow)."""
+    recs = [r for r in _records() if r["round"] == 1]
+    for r in recs:
+        if r["candidate"] == [2, 1]:
+            r["mean"] = r["scores"][0] = r["scores"][1] = -50.0
+    _write_records(run_dir, recs)
+    img = _rgb(atlas.score_heatmap(run_dir, tmp_path / "outlier.png", round=1))
+    grey = _mask(img, (89, 89, 89), tol=4)  # "0.35" grey, the colour map's under colour
+    assert grey.sum() > 400
+    purple, yellow = _mask(img, (68, 1, 84), tol=40), _mask(img, (253, 231, 37), tol=40)
+    assert purple.sum() > 400 and yellow.sum() > 400  # the ends of viridis: the 0.1-1.2 scores still spread
+
+
+def _images(n_pairs, heads=ALL_HEADS):
+    """Synthetic regenerated images: unguided black, head (l, h) on pair p a grey of its own."""
+    black = np.zeros((8, 8, 3), np.uint8)
+    by_head = {head: [np.full((8, 8, 3), 40 + 10 * i, np.uint8) for _ in range(n_pairs)]
+               for i, head in enumerate(heads)}
+    return atlas.AtlasImages(pairs=[("a cat", s) for s in range(n_pairs)], unguided=[black] * n_pairs,
+                             by_head=by_head, most_changed={head: 0 for head in heads})
+
+
+def test_head_atlas_with_every_pair_shows_all_images_and_a_reference(run_dir, tmp_path):
+    images = _images(2)
+    img = _rgb(atlas.head_atlas(run_dir, tmp_path / "a.png", images=images))
+    for i, _ in enumerate(ALL_HEADS):
+        assert _mask(img, (40 + 10 * i,) * 3, tol=2).sum() >= 2 * 100, i  # both of the head's images drawn
+    black = _mask(img, (0, 0, 0), tol=2)
+    ys, xs = np.nonzero(black)
+    assert ys.min() < img.shape[0] / 4  # the unguided reference tile sits on top
+    # picks of round 1 (0:1) and round 2 (2:0) get their rounds' colours
+    for colour in ("tab:orange", "tab:purple"):
+        from matplotlib.colors import to_rgb
+
+        assert _mask(img, np.array(to_rgb(colour)) * 255, tol=25).sum() > 100, colour
+
+
+def test_head_atlas_with_many_pairs_shows_the_most_changed_pair_side_by_side(run_dir, tmp_path):
+    images = _images(20)
+    images.by_head = {head: {7: imgs[7]} for head, imgs in images.by_head.items()}
+    img = _rgb(atlas.head_atlas(run_dir, tmp_path / "b.png", images=images))
+    assert _mask(img, (40, 40, 40), tol=2).sum() > 100  # head 0:0's image
+    assert _mask(img, (0, 0, 0), tol=2).sum() > len(ALL_HEADS) * 100  # an unguided image next to every head

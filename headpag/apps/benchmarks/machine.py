@@ -63,3 +63,30 @@ def machine_info() -> dict:
         diffusers=diffusers.__version__, python=platform.python_version(), platform=platform.platform(),
         triton_interpret=os.environ.get("TRITON_INTERPRET", ""), load_average=load_average(),
     )
+
+
+# Image processors diffusers' IP-Adapter loader imports from transformers with every SD / SDXL / SD3 / Flux pipeline.
+IP_ADAPTER_IMAGE_PROCESSORS = ("CLIPImageProcessor", "SiglipImageProcessor")
+
+
+def use_pil_image_processors() -> list[str]:
+    """Without torchvision, transformers resolves ``CLIPImageProcessor`` and ``SiglipImageProcessor`` to their
+    ``...Pil`` classes the first time they are imported and logs a notice saying so ("import ``...Pil`` directly to
+    silence this warning"). The suites never process an image; bind those names to the ``...Pil`` classes first,
+    as the notice advises, so the report's output carries no notice. Does nothing with torchvision installed.
+    Returns the names bound."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("torchvision") is not None:
+        return []
+    import transformers
+
+    pil = {name: getattr(transformers, f"{name}Pil", None) for name in IP_ADAPTER_IMAGE_PROCESSORS}
+    module = sys.modules["transformers"]  # resolving a lazy name may put a new module object there: bind on that one
+    bound = []
+    for name, cls in pil.items():
+        if cls is not None and name not in vars(module):
+            setattr(module, name, cls)
+            bound.append(name)
+    return bound

@@ -10,12 +10,16 @@ Sections (``SECTIONS``), run in this order:
 - ``gpu``: with CUDA, the kernel sweep's CUDA cases and the guided step on the small and the SD3-medium-sized model,
   the latter next to its roofline projection; without CUDA, skipped with the reason.
 
+``quick`` is a smoke test of a minute or two: SD3-medium's FLOPs with one head set, and the CPU section on a small
+image (``QUICK_CPU``: 8x8 latent, 2 rounds) and the kernel sweep's N=256 cases.
+
 ``pytest bench/ --benchmark-only`` runs the same suites (the same cases, checks and step functions) under
 pytest-benchmark.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -23,9 +27,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import SECTIONS, full_size, guided_step, kernel_sweep, roofline
-from .machine import headpag_source, machine_info
+from .machine import headpag_source, machine_info, use_pil_image_processors
 
 JSON_NAME, MARKDOWN_NAME = "headpag-bench.json", "report.md"
+DEFAULT_OUT = os.path.join("bench", "results")  # relative: under the current directory
+# --quick's CPU section: the CPU setting on an 8x8 latent (16 image tokens), 2 timed rounds; kernels at N=256.
+QUICK_CPU = dataclasses.replace(guided_step.SETTINGS["cpu"], name="cpu-quick", latent=8, rounds=2, warmup=1,
+                                label="quick smoke test (8x8 latent, 2 rounds: not a measurement to quote); "
+                                + guided_step.SETTINGS["cpu"].label)
+QUICK_KERNEL_N, QUICK_KERNEL_ROUNDS = 256, 3
 README_BEGIN, README_END = "<!-- headpag bench: begin -->", "<!-- headpag bench: end -->"
 
 
@@ -37,22 +47,22 @@ def check_sections(sections) -> tuple[str, ...]:
     return sections
 
 
-def run_report(out_dir: str | os.PathLike = "bench/results", sections=SECTIONS, quick: bool = False,
+def run_report(out_dir: str | os.PathLike = DEFAULT_OUT, sections=SECTIONS, quick: bool = False,
                rounds: int | None = None) -> dict:
     """Runs ``sections``, writes ``headpag-bench.json`` and ``report.md`` under ``out_dir`` and returns the report.
     A section that raises (a failed correctness check, a count that cannot be made) is recorded as
     ``{"error": ...}`` and listed in ``failed_sections``; the others still run.
-    ``quick``: the FLOP section counts SD3-medium with one head set only. ``rounds``: timed rounds per wall-clock
-    benchmark (default: each suite's own)."""
+    ``quick``: the FLOP section counts SD3-medium with one head set only, the CPU section runs ``QUICK_CPU`` and
+    the N=256 kernel cases. ``rounds``: timed rounds per wall-clock benchmark (default: each suite's own)."""
     sections = check_sections(sections)
     if rounds is not None and rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    use_pil_image_processors()  # no torchvision notice from diffusers' pipeline imports
     start = time.perf_counter()
     report = dict(description=__doc__.split("\n\n")[0].strip(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   machine=machine_info(), headpag=headpag_source(), quick=quick, sections=list(sections))
     runners = dict(flops=lambda: full_size.run(quick=quick),
-                   cpu=lambda: dict(guided_step=guided_step.run("cpu", rounds=rounds),
-                                    kernels=kernel_sweep.run("cpu", rounds=rounds)),
+                   cpu=lambda: cpu_section(quick, rounds),
                    gpu=lambda: gpu_section(rounds))
     for section in sections:
         try:
@@ -69,6 +79,15 @@ def run_report(out_dir: str | os.PathLike = "bench/results", sections=SECTIONS, 
     (out / JSON_NAME).write_text(json.dumps(report, indent=1))
     (out / MARKDOWN_NAME).write_text(markdown(report))
     return report
+
+
+def cpu_section(quick: bool = False, rounds: int | None = None) -> dict:
+    """The guided step and the kernel sweep on the CPU (``quick``: the small setting and the N=256 cases)."""
+    if not quick:
+        return dict(guided_step=guided_step.run("cpu", rounds=rounds), kernels=kernel_sweep.run("cpu", rounds=rounds))
+    cases = [c for c in kernel_sweep.cpu_cases() if c.N == QUICK_KERNEL_N]
+    return dict(guided_step=guided_step.run(QUICK_CPU, rounds=rounds),
+                kernels=kernel_sweep.run("cpu", cases=cases, rounds=rounds or QUICK_KERNEL_ROUNDS))
 
 
 def gpu_section(rounds: int | None = None) -> dict:
@@ -231,10 +250,12 @@ def embed_in_readme(readme: str | os.PathLike, text: str) -> None:
     Path(readme).write_text(content[:begin + len(README_BEGIN)] + "\n" + body + "\n" + content[end:])
 
 
-def main(out_dir="bench/results", sections=SECTIONS, quick: bool = False, rounds: int | None = None,
+def main(out_dir=DEFAULT_OUT, sections=SECTIONS, quick: bool = False, rounds: int | None = None,
          readme: str | None = None) -> int:
     if readme is not None:
         check_readme(readme)  # before minutes of measuring, not after
+    print(f"headpag bench{' --quick' if quick else ''}: sections {', '.join(sections)}; results go to "
+          f"{Path(out_dir).resolve()}", flush=True)
     report = run_report(out_dir=out_dir, sections=sections, quick=quick, rounds=rounds)
     text = markdown(report)
     print(text)

@@ -27,6 +27,16 @@ DEFAULT_GUIDANCE_SCALE = 2.0
 DEFAULT_STEPS = 20
 
 
+def dtype_kwargs(dtype: torch.dtype | None) -> dict:
+    """The ``from_pretrained`` keyword for a weights dtype: ``dtype`` where diffusers takes it (its
+    ``torch_dtype`` is deprecated there and warns), ``torch_dtype`` on older diffusers; ``{}`` for None."""
+    if dtype is None:
+        return {}
+    from diffusers.pipelines import pipeline_utils
+
+    return {"dtype": dtype} if hasattr(pipeline_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
 def parse_digits(prompt) -> list[int]:
     """A digit (int or one-character string) or a list of them -> list of ints in 0-9."""
     if isinstance(prompt, (int, str, np.integer)) or (isinstance(prompt, torch.Tensor) and prompt.ndim == 0):
@@ -82,7 +92,7 @@ class DigitsPipeline(DiffusionPipeline):
                                     f"`python -m headpag.apps.digits.train` (needs scikit-learn)")
         from diffusers.utils import logging as diffusers_logging
 
-        kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        kwargs = dtype_kwargs(torch_dtype)
         bars_were_off = not diffusers_logging.is_progress_bar_enabled()
         diffusers_logging.disable_progress_bar()  # the "Loading pipeline components" bar
         try:
