@@ -386,7 +386,7 @@ def _hunt(args, prompts, candidates, init) -> int:
         candidates=candidates, init=init, scale=args.scale, u=args.u, mode=args.mode,
         guidance_scale=args.guidance_scale, num_inference_steps=args.steps, out_dir=args.out,
         batch_size=args.batch_size, strategy=args.strategy,
-        verbose=not args.quiet,
+        verbose=not args.quiet, refresh=args.refresh,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"selected heads: {result.heads}")
@@ -410,6 +410,8 @@ def default_output_name(args, heads) -> str:
             parts.append(f"u{args.u:g}")
         if args.mode != "joint":
             parts.append(args.mode)
+        if args.refresh != 1:
+            parts.append(f"refresh{args.refresh}")
     parts.append(f"{args.steps}steps")
     if args.grid:
         parts.append("grid")
@@ -468,7 +470,8 @@ def cmd_generate(args) -> int:
     selected = heads and heads.for_model(pipe)
     plain = sample() if args.grid else None  # the same seed without PAG
     if heads is not None:  # enable_fused checks scale (negative or NaN refused; 0 runs the plain pipeline)
-        enable_fused(pipe, selected, scale=args.scale, u=args.u, mode=args.mode, adaptive_scale=args.adaptive_scale)
+        enable_fused(pipe, selected, scale=args.scale, u=args.u, mode=args.mode, adaptive_scale=args.adaptive_scale,
+                     refresh=args.refresh)
     try:
         image = sample()
     finally:
@@ -548,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "over the image-image block only")
         p.add_argument("--guidance-scale", type=_finite, default=None, help="CFG scale (default: the pipeline's; hunt: "
                        "CFG off as in the paper)")
+        p.add_argument("--refresh", type=_positive_int, default=1, help="run the perturbed rows on every k-th guided "
+                       "step and reuse their difference in between (default 1: every step)")
         p.add_argument("--threads", type=_non_negative_int, default=None, help="torch CPU threads (default: 1 with "
                        "--model digits, fastest for the tiny model; else torch's setting; 0 keeps torch's setting)")
 

@@ -10,7 +10,10 @@ images (every digit 0-9 x ``seeds`` seeds, the same initial noise in every setti
 - ``softpag``: the layer set with ``u < 1`` (``--u``);
 - ``hunted``: the heads a short HeadHunter run picked (``--hunt-rounds`` x ``--hunt-k``), searched on other seeds
   than the ones evaluated here, with the classifier's confidence in the asked digit as objective (each round's
-  candidates are scored with the heads selected so far, CFG off, PAG scale ``--scale``).
+  candidates are scored with the heads selected so far, CFG off, PAG scale ``--scale``);
+- ``hunted refresh=k`` (k in ``REFRESH_ROWS``): the hunted heads with ``refresh=k``: the perturbed rows run on every
+  k-th step and their difference is reused in between; the table adds the relative L2 distance of these samples to
+  the ``hunted`` row's (every step). These rows are in the table and the JSON, not in the figure.
 
 PAG settings run CFG off (``--guidance-scale``, default 1), as in the HeadHunter paper's searches. For each
 setting it reports the objective (mean classifier confidence of the asked digit), the fraction of images the
@@ -34,6 +37,7 @@ import torch
 
 from ..kernels import MODES
 
+REFRESH_ROWS = (2, 3, 4)  # refresh=k rows of the hunted heads
 FIGURE_SEEDS = 8  # at most this many seeds per digit are drawn in the PNG (the title says when fewer than the table)
 
 
@@ -117,6 +121,7 @@ class Row:
     fused_ms: float | None = None
     eager_ms: float | None = None
     max_diff: float | None = None
+    relative_l2: float | None = None  # refresh rows: ||x - x_every_step|| / ||x_every_step|| over all samples
     images: torch.Tensor | None = field(default=None, repr=False)
 
 
@@ -143,15 +148,16 @@ def _timed(pipe, digits, seeds, cfg: DemoConfig, repeats: int):
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ("| setting | heads | score | recognised | fused ms/step | eager ms/step | eager/fused | max abs(fused - eager) |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|")
+    head = ("| setting | heads | score | recognised | fused ms/step | eager ms/step | eager/fused | max abs(fused - eager) "
+            "| rel. L2 to every step |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
         ms = lambda x: "" if x is None else f"{x:.1f}"
         ratio = "" if r.fused_ms is None else f"{r.eager_ms / r.fused_ms:.2f}x"
         diff = "" if r.max_diff is None else f"{r.max_diff:.1e}"
+        l2 = "" if r.relative_l2 is None else f"{r.relative_l2:.4f}"
         lines.append(f"| {r.name} | {r.heads} | {r.score:.3f} | {r.recognised:.0%} | {ms(r.fused_ms)} | "
-                     f"{ms(r.eager_ms)} | {ratio} | {diff} |")
+                     f"{ms(r.eager_ms)} | {ratio} | {diff} | {l2} |")
     return "\n".join(lines)
 
 
@@ -231,10 +237,10 @@ def _run(cfg: DemoConfig, log) -> dict:
     images, _ = _generate(pipe, digits, seeds, cfg.steps, cfg.cfg)
     rows.append(measure(f"cfg s={cfg.cfg:g}", "classifier-free guidance only (reference)", "-", images))
 
-    def pag_row(name, description, heads, u) -> Row:
-        enable_eager(pipe, heads, scale=cfg.scale, u=u, mode=cfg.mode)
+    def pag_row(name, description, heads, u, refresh=1) -> Row:
+        enable_eager(pipe, heads, scale=cfg.scale, u=u, mode=cfg.mode, refresh=refresh)
         eager_images, eager_s = _timed(pipe, digits, seeds, cfg, cfg.timing_repeats)
-        enable_fused(pipe, heads, scale=cfg.scale, u=u, mode=cfg.mode)
+        enable_fused(pipe, heads, scale=cfg.scale, u=u, mode=cfg.mode, refresh=refresh)
         images, fused_s = _timed(pipe, digits, seeds, cfg, cfg.timing_repeats)
         disable(pipe)
         text = str(heads.with_u(u) if u is not None else heads)
@@ -260,8 +266,16 @@ def _run(cfg: DemoConfig, log) -> dict:
                        "worst": [[f"{l}:{h}", m] for (l, h), m in ranked[-3:]]})
     log(f"  hunt: {result.images_generated} images in {hunt_seconds:.0f} s, selected {result.heads}")
     rows.append(pag_row("hunted", f"HeadHunter ({cfg.hunt_rounds} round(s), k={cfg.hunt_k})", result.heads, None))
+    every_step = rows[-1].images
+    figure_rows = list(rows)
+    for k in REFRESH_ROWS:
+        row = pag_row(f"hunted refresh={k}", f"the hunted heads, perturbed rows every {k}-th step", result.heads,
+                      None, refresh=k)
+        row.relative_l2 = float((row.images - every_step).flatten().norm() / every_step.flatten().norm())
+        rows.append(row)
+    log(f"  refresh rows: done ({time.perf_counter() - t0:.0f} s)")
 
-    grid = save_figure(rows, cfg, pipe, out / "headpag-demo.png")
+    grid = save_figure(figure_rows, cfg, pipe, out / "headpag-demo.png")
     table = format_table(rows)
     summary = {
         "config": asdict(cfg),

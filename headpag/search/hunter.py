@@ -43,7 +43,7 @@ import torch
 from ..archs import call_pattern_of, list_layers
 from ..guided import EXECUTIONS, disable, enable, set_row_heads
 from ..guided.session import attach, sessions_of
-from ..guided.settings import check_scale
+from ..guided.settings import check_refresh, check_scale
 from ..heads import HeadSet
 from ..kernels import MODES
 from . import run_dir as runs
@@ -277,6 +277,7 @@ def hunt(
     encode: Callable[[list[str]], dict] | None = None,
     pipeline_kwargs: dict | None = None,
     execution: str = "fused",
+    refresh: int = 1,
 ) -> HuntResult:
     """Greedy head search (module docstring). Returns the selected heads, every round's scores and timings.
 
@@ -297,6 +298,8 @@ def hunt(
         encode: maps a list of prompt strings to pipeline keyword arguments (default ``{"prompt": texts}``),
             e.g. to pass precomputed ``prompt_embeds``.
         pipeline_kwargs: further keyword arguments of every pipeline call (height, width, ...).
+        refresh: ``k`` of ``enable_fused(..., refresh=k)``: candidates are scored with the perturbed rows run every
+            ``k``-th guided step and their difference reused in between (1: every step, the paper's setting).
         execution: "fused" (batched twins, the point of headpag) or "eager" (a separate perturbed forward with
             materialised maps; with ``batch_size=1`` this is the paper's one-candidate-at-a-time baseline).
 
@@ -306,6 +309,7 @@ def hunt(
         RunDirectoryBusy: (a ``RuntimeError``) another hunt holds ``out_dir`` (the same rank).
     """
     prompts, seeds = list(prompts), list(seeds)
+    check_refresh(refresh)
     _check_arguments(objective, prompts, seeds, k, rounds, scale, u, mode, guidance_scale, num_inference_steps,
                      batch_size, strategy, execution)
     layers = list_layers(pipe)
@@ -329,7 +333,7 @@ def hunt(
         if run_dir is not None:
             settings = runs.settings_record(
                 pipe, prompts, seeds, k, rounds, pool, list(init_set) if init_set else [], scale, u, mode,
-                guidance_scale, num_inference_steps, strategy, objective, pipeline_kwargs, execution, encode)
+                guidance_scale, num_inference_steps, strategy, objective, pipeline_kwargs, execution, encode, refresh)
             settings_id = runs.settings_id(settings)
             run_dir.mkdir(parents=True, exist_ok=True)
             lock = runs.RunLock(run_dir, rank).acquire()
@@ -341,7 +345,7 @@ def hunt(
 
         result = _search(pipe, objective, prompts, seeds, k, rounds, pool, selected, scale, u, mode, guidance_scale,
                          num_inference_steps, batch_size, strategy, verbose, encode, pipeline_kwargs, execution,
-                         run_dir, rank, world, recorded, settings_id)
+                         run_dir, rank, world, recorded, settings_id, refresh)
         if run_dir is not None and rank == 0:
             runs.write_results(run_dir, result.heads, runs.summary_record(result), model=pipe)
     except BaseException:
@@ -363,13 +367,13 @@ def hunt(
 
 def _search(pipe, objective, prompts, seeds, k, rounds, pool, selected, scale, u, mode, guidance_scale,
             num_inference_steps, batch_size, strategy, verbose, encode, pipeline_kwargs, execution, run_dir, rank,
-            world, recorded, settings_id) -> HuntResult:
+            world, recorded, settings_id, refresh=1) -> HuntResult:
     """The rounds of :func:`hunt` on a prepared run directory (or none): patches ``pipe`` for the search and
     removes the patch at the end, also on error."""
     from tqdm.auto import tqdm
 
     base = HeadSet([pool[0]])
-    enable(pipe, base, execution=execution, scale=scale, mode=mode)
+    enable(pipe, base, execution=execution, scale=scale, mode=mode, refresh=refresh)
     hunter = None
     results: list[RoundResult] = []
     images_exact = 0

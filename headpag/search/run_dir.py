@@ -200,14 +200,15 @@ def _jsonable(x: Any) -> Any:
 
 def settings_record(pipe, prompts, seeds, k, rounds, candidates, init, scale, u, mode, guidance_scale,
                     num_inference_steps, strategy, objective, pipeline_kwargs=None, execution="fused",
-                    encode=None) -> dict:
+                    encode=None, refresh=1) -> dict:
     """The ``settings.json`` of a search: the model's shape and components and every setting that changes a record.
     ``objective`` and ``encode`` are recorded by their identity (:func:`headpag.search.objectives.objective_identity`:
-    a ``name`` or ``identity()`` of the objective, else its module and name)."""
+    a ``name`` or ``identity()`` of the objective, else its module and name); ``refresh`` only when it is not 1, so
+    that run directories written before it existed keep their settings."""
     from .objectives import objective_identity
 
     layers = list_layers(pipe)
-    return {
+    record = {
         "format": FORMAT, "version": VERSION,
         "model_class": model_class_name(pipe),
         "heads_per_layer": [layer.heads for layer in layers],
@@ -224,6 +225,9 @@ def settings_record(pipe, prompts, seeds, k, rounds, candidates, init, scale, u,
         "objective": objective_identity(objective),
         "encode": None if encode is None else objective_identity(encode),
     }
+    if refresh != 1:
+        record["refresh"] = refresh
+    return record
 
 
 def _canonical(x: Any) -> str:

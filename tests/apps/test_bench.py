@@ -45,7 +45,7 @@ def test_quick_report_flops_and_gpu_section(tmp_path):
 
 
 def test_sections_are_checked(tmp_path):
-    with pytest.raises(ValueError, match="sections must be a non-empty subset of flops, cpu, gpu"):
+    with pytest.raises(ValueError, match="sections must be a non-empty subset of flops, cpu, refresh, gpu"):
         report.run_report(out_dir=tmp_path, sections=("flops", "disk"))
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         report.run_report(out_dir=tmp_path, sections=("gpu",), rounds=0)
@@ -72,7 +72,7 @@ def test_bench_options_reach_the_report(monkeypatch, capsys):
     assert main(["bench", "--quick", "--out", "x", "--sections", "flops", "cpu", "--rounds", "3", "--readme", "R.md"]) == 0
     assert main(["bench"]) == 0
     assert calls == [dict(out_dir="x", sections=["flops", "cpu"], quick=True, rounds=3, readme="R.md"),
-                     dict(out_dir="bench/results", sections=["flops", "cpu", "gpu"], quick=False, rounds=None,
+                     dict(out_dir="bench/results", sections=["flops", "cpu", "refresh", "gpu"], quick=False, rounds=None,
                           readme=None)]
     for bad in (["--sections", "disk"], ["--rounds", "0"]):
         with pytest.raises(SystemExit):
@@ -437,3 +437,19 @@ def test_no_torchvision_notice_from_the_pipeline_imports():
         snippet = prefix + "from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, FluxPipeline"
         proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, check=True)
         assert ("requires torchvision" in proc.stderr) is expect_notice, proc.stderr
+
+
+def test_quick_refresh_section(tmp_path):
+    """``refresh``: the run FLOPs of SD3-medium (refresh 2 below refresh 1, a schedule of whole steps), the CPU runs of
+    every contender, the digits rows; all in report.md."""
+    result = report.run_report(out_dir=tmp_path, sections=("refresh",), quick=True)
+    assert result["failed_sections"] == []
+    section = result["refresh"]
+    (sd3,) = section["flops"]["results"]
+    whole = sd3["run_ratio"]["whole run"]
+    assert whole[1] == pytest.approx(sd3["step_ratio"]) and 1.0 < whole[4] < whole[2] < whole[1]
+    assert set(section["cpu"]["seconds"]) == {"cfg only", "diffusers PAG (blocks 4, 6)", "fused refresh=1",
+                                              "fused refresh=2", "fused refresh=4"}
+    assert [r["refresh"] for r in section["digits"]["rows"]] == [1, 2, 3, 4]
+    text = (tmp_path / "report.md").read_text()
+    assert "## Reusing the guidance difference (refresh=k)" in text and "| SD3-medium (cfg_on) |" in text

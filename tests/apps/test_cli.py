@@ -94,15 +94,14 @@ def test_hunt_options_reach_the_search(monkeypatch, tmp_path, capsys, digits_tra
                  "--mode", "image", "--guidance-scale", "1.5", "--prompts", str(prompts), "--objective", "clip",
                  "--objective-model", "OM", "--objective-processor", "OP", "--k", "2", "--rounds", "3", "--seeds", "3",
                  "4", "--u", "0.5", "--candidates", "0:*,2:1", "--init", str(init), "--batch-size", "5",
-                 "--strategy", "halving", "--out", str(tmp_path / "OUT"), "--quiet"]) == 0
+                 "--strategy", "halving", "--refresh", "2", "--out", str(tmp_path / "OUT"), "--quiet"]) == 0
     assert calls == [  # the objective first: a missing objective model fails before the pipeline loads
         ("objective", "clip", dict(model="OM", processor="OP")),
         ("load", "MODEL", "cpu", "bfloat16"),
         ("hunt", PIPE, "OBJECTIVE", ["a cat", "a dog"], dict(
             seeds=[3, 4], k=2, rounds=3, candidates=HeadSet("0:*,2:1"), init=HeadSet("1:0@0.5"), scale=2.5, u=0.5,
             mode="image", guidance_scale=1.5, num_inference_steps=7, out_dir=str(tmp_path / "OUT"), batch_size=5,
-            strategy="halving",
-            verbose=False)),
+            strategy="halving", verbose=False, refresh=2)),
     ]
     assert "selected heads: 0:0" in capsys.readouterr().out
 
@@ -110,12 +109,13 @@ def test_hunt_options_reach_the_search(monkeypatch, tmp_path, capsys, digits_tra
 @pytest.mark.parametrize("scale", [2.5, 0.0])
 def test_generate_options_reach_the_pipeline(monkeypatch, tmp_path, scale, digits_transformer):
     """``headpag generate``: the loader gets --model/--device/--dtype, enable_fused the heads (a heads.json),
-    --scale (0 too: the API checks it and runs the plain pipeline), --u, --mode and --adaptive-scale, the pipeline
+    --scale (0 too: the API checks it and runs the plain pipeline), --u, --mode, --adaptive-scale and --refresh, the pipeline
     call --prompt, --steps, --guidance-scale, --guidance-rescale and --seed; the image goes to --output and the
     pipeline is disabled after the call."""
     events = []
     monkeypatch.setattr(api, "enable", lambda pipe, heads, *, execution, scale, u, mode, interval, adaptive_scale,
-                        **defaults: events.append(("enable", pipe, heads, scale, u, mode, execution, adaptive_scale)))
+                        refresh, **defaults: events.append(("enable", pipe, heads, scale, u, mode, execution,
+                                                            adaptive_scale, refresh)))
     monkeypatch.setattr(api, "detach", lambda pipe: events.append(("disable", pipe)))
 
     class FakePipe:
@@ -134,8 +134,8 @@ def test_generate_options_reach_the_pipeline(monkeypatch, tmp_path, scale, digit
     assert main(["generate", "--model", "MODEL", "--device", "cpu", "--dtype", "float16", "--heads", str(heads),
                  "--scale", str(scale), "--u", "0.25", "--mode", "image", "--steps", "7", "--guidance-scale", "1.5",
                  "--adaptive-scale", "0.01", "--guidance-rescale", "0.7", "--seed", "11", "--prompt", "a cat",
-                 "--output", str(out)]) == 0
-    enabled = ("enable", pipe, HeadSet("1:0,2:1@0.5"), scale, 0.25, "image", "fused", 0.01)
+                 "--refresh", "3", "--output", str(out)]) == 0
+    enabled = ("enable", pipe, HeadSet("1:0,2:1@0.5"), scale, 0.25, "image", "fused", 0.01, 3)
     assert events == [("load", "MODEL", "cpu", "float16"), enabled, ("call", "a cat", 7, 1.5, 0.7, 11),
                       ("disable", pipe)]
     assert Image.open(out).size == (5 * 86, 3 * 86)  # upscaled: the shorter side to >= 256
@@ -152,6 +152,8 @@ def test_missing_model_says_how_to_point_at_a_local_copy(tmp_path, capsys):
     (["demo", "--steps", "-1"], "--steps"),
     (["hunt", "--model", "m", "--prompts", "p", "--out", "o", "--batch-size", "abc"], "--batch-size"),
     (["hunt", "--model", "m", "--prompts", "p", "--out", "o", "--k", "0"], "--k"),
+    (["hunt", "--model", "m", "--prompts", "p", "--out", "o", "--refresh", "0"], "--refresh"),
+    (["generate", "--model", "m", "--prompt", "p", "--refresh", "1.5"], "--refresh"),
 ])
 def test_counts_must_be_positive(argv, option, capsys):
     with pytest.raises(SystemExit):

@@ -8,7 +8,8 @@ import pytest
 
 from headpag.apps.cli import main
 
-SETTINGS = ("none", "cfg s=", "layer-pag", "head-pag", "softpag", "hunted")
+SETTINGS = ("none", "cfg s=", "layer-pag", "head-pag", "softpag", "hunted", "hunted refresh=2", "hunted refresh=3",
+            "hunted refresh=4")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -60,8 +61,10 @@ def test_quick_demo_writes_table_and_grid(tmp_path, capsys):
     summary = json.loads((tmp_path / "headpag-demo.json").read_text())
     rows = {r["name"]: r for r in summary["rows"]}
     assert len(rows) == len(SETTINGS)
-    for name in ("layer-pag", "head-pag", "softpag", "hunted"):
+    for name in ("layer-pag", "head-pag", "softpag", "hunted", "hunted refresh=2"):
         assert rows[name]["fused_ms"] > 0 and rows[name]["eager_ms"] > 0
         assert rows[name]["max_diff"] < 1e-4  # fused == eager
+    assert rows["hunted"]["relative_l2"] is None
+    assert all(rows[f"hunted refresh={k}"]["relative_l2"] > 0 for k in (2, 3, 4))  # reuse changes the samples
     assert all(0 <= r["score"] <= 1 and 0 <= r["recognised"] <= 1 for r in rows.values())
     assert summary["hunt"]["images_generated"] > 0

@@ -37,11 +37,11 @@ def pipe():
     return models.sd3(num_layers=3)
 
 
-def _score_alone(pipe, heads, prompt, seed):
+def _score_alone(pipe, heads, prompt, seed, steps=2, refresh=1):
     """The objective of one image generated with ``heads`` perturbed, by a plain enable_fused call."""
-    with headpag.fused(pipe, heads, scale=3.0):
+    with headpag.fused(pipe, heads, scale=3.0, refresh=refresh):
         out = pipe(**encode([prompt]), generator=torch.Generator().manual_seed(seed), guidance_scale=1.0,
-                   num_inference_steps=2, height=16, width=16, output_type="pt").images
+                   num_inference_steps=steps, height=16, width=16, output_type="pt").images
     return float(brightness(out, [prompt])[0])
 
 
@@ -121,6 +121,19 @@ def test_refuses_a_run_directory_of_other_settings(pipe, tmp_path):
     assert hunt(pipe, brightness, PROMPTS, **{**kw, "batch_size": 1}).images_generated == 0
 
 
+def test_refresh_scores_as_enable_fused_with_refresh(pipe, tmp_path):
+    kw = dict(k=1, rounds=1, candidates="0:0,1:2", batch_size=3, **{**COMMON, "num_inference_steps": 4})
+    reused = hunt(pipe, brightness, PROMPTS, refresh=3, out_dir=tmp_path, **kw)
+    for head, mean in reused.rounds[0].means.items():
+        scores = [_score_alone(pipe, headpag.HeadSet([head]), p, s, steps=4, refresh=3) for p in PROMPTS for s in SEEDS]
+        assert abs(mean - sum(scores) / len(scores)) < SCORE_TOL, head
+    every_step = hunt(pipe, brightness, PROMPTS, **kw)
+    # reuse moved the scores (brightness moves little: 3e-5 observed, 3x the tolerance)
+    assert max(abs(every_step.rounds[0].means[h] - m) for h, m in reused.rounds[0].means.items()) > SCORE_TOL
+    with pytest.raises(ValueError, match="other search settings.*refresh"):
+        hunt(pipe, brightness, PROMPTS, refresh=2, out_dir=tmp_path, **kw)
+
+
 def test_halving_saves_work(pipe):
     kw = dict(k=1, rounds=1, candidates="0:*,1:*", batch_size=8, **{**COMMON, "seeds": (0, 1, 2, 3)})
     exact = hunt(pipe, brightness, PROMPTS, **kw)
@@ -148,6 +161,7 @@ def test_halving_saves_work(pipe):
         (dict(mode="layer"), "mode"),
         (dict(scale=-1.0), "scale"),
         (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(refresh=0), "refresh must"),
     ],
 )
 def test_bad_input(pipe, kwargs, match):

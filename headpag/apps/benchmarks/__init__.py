@@ -6,10 +6,11 @@
 - ``timing``: timed rounds and their statistics;
 - ``guided_step``: wall clock of one guided pipeline step per contender (CPU and CUDA settings);
 - ``kernel_sweep``: ``perturbed_attention`` against SDPA (CPU and CUDA cases);
+- ``refresh``: ``refresh = k`` per sampling run: FLOPs, CPU run times, digits quality;
 - ``machine``: what the numbers depend on;
 - ``report``: the command: runs the sections, writes JSON and Markdown.
 
 ``bench/`` (pytest-benchmark) imports the same cases from here.
 """
 
-SECTIONS = ("flops", "cpu", "gpu")
+SECTIONS = ("flops", "cpu", "refresh", "gpu")

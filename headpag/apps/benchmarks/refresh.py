@@ -32,6 +32,10 @@ INTERVALS = {"whole run": (0.0, 1.0), "diffusers default (0.01, 0.2)": (0.01, 0.
 RUN_MODELS = {"SD3-medium": "cfg_on", "FLUX.1-dev": "distilled", "FLUX.2-dev": "distilled",
               "Qwen-Image": "true_cfg", "Wan2.1-T2V-14B": "cfg_on", "SD1.5": "cfg_on", "SDXL": "cfg_on"}
 QUICK_MODELS = ("SD3-medium",)
+# The digits rows' heads: what ``headpag demo``'s HeadHunter run picked (README, "The demo: what it measured"); the
+# demo itself measures the same rows with the heads its own hunt picks.
+DIGITS_HEADS = "0:0,2:3,3:3,5:1"
+DIGITS_STEPS, DIGITS_SEEDS, DIGITS_SCALE = 16, 8, 3.0
 
 
 def guided_steps(steps: int, interval: tuple[float, float]) -> list[int]:
@@ -78,12 +82,14 @@ def run_flops(quick: bool = False) -> dict:
                 seconds=time.perf_counter() - start)
 
 
-def cpu_run_times(steps: int = 8, rounds: int = 3, refresh=(1, 2, 4)) -> dict:
-    """Median seconds of one ``steps``-step sampling run per contender on the CPU SD3-shaped bench model, measured
-    in interleaved rounds (one run of every contender per round), and each median over CFG only's."""
+def cpu_run_times(steps: int = 8, rounds: int = 3, refresh=(1, 2, 4), setting=None) -> dict:
+    """Median seconds of one ``steps``-step sampling run per contender on the CPU SD3-shaped bench model
+    (``setting``: a ``guided_step.Setting``, default the ``cpu`` one), measured in interleaved rounds (one run of
+    every contender per round), and each median over CFG only's."""
     from . import guided_step
 
-    pipes = guided_step.build(guided_step.SETTINGS["cpu"], with_ref=False)
+    setting = setting or guided_step.SETTINGS["cpu"]
+    pipes = guided_step.build(setting, with_ref=False)
     inputs = dict(pipes.inputs, num_inference_steps=steps)
 
     def call(pipe, **extra):
@@ -116,7 +122,8 @@ def cpu_run_times(steps: int = 8, rounds: int = 3, refresh=(1, 2, 4)) -> dict:
                 times[name].append(time.perf_counter() - t0)
     medians = {name: statistics.median(t) for name, t in times.items()}
     base = medians["cfg only"]
-    return dict(model="SD3-shaped CPU bench model (guided_step.SMALL_SD3), 1024 image + 32 text tokens", steps=steps,
+    return dict(model=f"SD3-shaped CPU bench model (guided_step.SMALL_SD3), {(setting.latent // 2) ** 2} image + "
+                      f"{setting.text} text tokens", steps=steps,
                 rounds=rounds, threads=torch.get_num_threads(), seconds=medians,
                 ratio_to_cfg={name: m / base for name, m in medians.items()}, all_seconds=times)
 
@@ -144,6 +151,39 @@ def digits_quality(pipe, objective, heads, *, digits, seeds, steps: int, scale: 
                          relative_l2_to_refresh_1=distance,
                          perturbed_steps=len(refresh_steps(steps, (0.0, 1.0), k))))
     return rows
+
+
+def section(quick: bool = False, cpu_setting=None) -> dict:
+    """``headpag bench``'s ``refresh`` section: run FLOPs (``quick``: SD3-medium only), CPU run times (``quick``: on
+    ``cpu_setting``, 4 steps, 1 round) and the digits rows."""
+    from ..digits import DigitObjective, load_pipeline
+
+    flops = run_flops(quick=quick)
+    times = cpu_run_times(steps=4, rounds=1, setting=cpu_setting) if quick else cpu_run_times()
+    pipe = load_pipeline()
+    quality = digits_quality(pipe, DigitObjective(), DIGITS_HEADS, digits=list(range(10)),
+                             seeds=list(range(2 if quick else DIGITS_SEEDS)), steps=DIGITS_STEPS, scale=DIGITS_SCALE)
+    return dict(flops=flops, cpu=times, digits=dict(heads=DIGITS_HEADS, steps=DIGITS_STEPS, scale=DIGITS_SCALE,
+                                                      rows=quality))
+
+
+def format_cpu_run_times(result: dict) -> str:
+    lines = [f"{result['model']}, {result['steps']} steps per run, median of {result['rounds']} interleaved round(s), "
+             f"{result['threads']} torch threads:", "", "| contender | s per run | / CFG only |", "|---|---:|---:|"]
+    for name, seconds in result["seconds"].items():
+        lines.append(f"| {name} | {seconds:.2f} | {result['ratio_to_cfg'][name]:.2f}x |")
+    return "\n".join(lines)
+
+
+def markdown(section_result: dict) -> list[str]:
+    """The section's Markdown lines for ``report.md``."""
+    flops, digits = section_result["flops"], section_result["digits"]
+    return ["## Reusing the guidance difference (refresh=k)", "",
+            f"FLOPs of a {flops['steps']}-step run over the CFG-only run (meta device, per-step counts combined over "
+            f"the schedule; guided steps: whole run, or {flops['guided_steps']['diffusers default (0.01, 0.2)']}):", "",
+            format_run_flops(flops), "", format_cpu_run_times(section_result["cpu"]), "",
+            f"Digits model, heads {digits['heads']}, {digits['steps']} steps, w={digits['scale']:g}, CFG off:", "",
+            format_digits_quality(digits["rows"])]
 
 
 def format_run_flops(result: dict) -> str:

@@ -7,6 +7,8 @@ Sections (``SECTIONS``), run in this order:
 - ``cpu``: CPU wall clock side by side in one run: one guided step of an SD3-shaped pipeline per contender, paired
   ratios to CFG only, median and spread over rounds, peak memory (``guided_step.run("cpu")``), and the kernel
   sweep's CPU cases (``kernel_sweep.run("cpu")``);
+- ``refresh``: ``refresh = k`` (the guidance difference reused between refresh steps) per sampling run
+  (``refresh.section``): FLOPs of a 28-step run at full size, CPU run times, the digits model's quality;
 - ``gpu``: with CUDA, the kernel sweep's CUDA cases and the guided step on the small and the SD3-medium-sized model,
   the latter next to its roofline projection; without CUDA, skipped with the reason.
 
@@ -26,7 +28,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import SECTIONS, full_size, guided_step, kernel_sweep, roofline
+from . import SECTIONS, full_size, guided_step, kernel_sweep, refresh, roofline
 from .machine import headpag_source, machine_info, use_pil_image_processors
 
 JSON_NAME, MARKDOWN_NAME = "headpag-bench.json", "report.md"
@@ -63,6 +65,7 @@ def run_report(out_dir: str | os.PathLike = DEFAULT_OUT, sections=SECTIONS, quic
                   machine=machine_info(), headpag=headpag_source(), quick=quick, sections=list(sections))
     runners = dict(flops=lambda: full_size.run(quick=quick),
                    cpu=lambda: cpu_section(quick, rounds),
+                   refresh=lambda: refresh.section(quick, QUICK_CPU),
                    gpu=lambda: gpu_section(rounds))
     for section in sections:
         try:
@@ -215,6 +218,8 @@ def markdown(report: dict) -> str:
         lines += ["## CPU wall clock (side by side, one run)", ""]
         lines += step_table(report["cpu"]["guided_step"], "Guided step, SD3-shaped model") + [""]
         lines += kernel_table(report["cpu"]["kernels"], "Kernel sweep, CPU (torch path and oracle vs SDPA)") + [""]
+    if "refresh" in report and "error" not in report["refresh"]:
+        lines += refresh.markdown(report["refresh"]) + [""]
     if "gpu" in report and "error" not in report["gpu"]:
         gpu = report["gpu"]
         lines += ["## GPU", ""]
