@@ -1,10 +1,12 @@
 """``perturbed_attention`` in plain torch: for CPUs, systems without Triton, and the meta device.
 
 Attention comes from ``F.scaled_dot_product_attention`` and only for the (row, head) pairs whose code needs
-it; identity heads in joint mode return ``v`` and never form ``q k^T``. Image mode computes the perturbed
-rows from an ``N_img x N_text`` score block plus the diagonal, never an ``N x N`` map. Everything is driven by
-the host-side codes (PLAIN / SOFT / IDENTITY per (row, head)), so the same code runs on meta tensors and is
-costed there by ``FlopCounterMode``.
+it; identity heads in joint mode return ``v`` and never form ``q k^T``. Joint mode works on groups of rows with
+the same codes (a guided call has two: the unperturbed rows and the twins), one SDPA call per group on views of
+q, k, v where its rows and heads are contiguous, so the common case gathers and scatters no (row, head) pairs.
+Image mode computes the perturbed rows from an ``N_img x N_text`` score block plus the diagonal, never an
+``N x N`` map. Everything is driven by the host-side codes (PLAIN / SOFT / IDENTITY per (row, head)), so the same
+code runs on meta tensors and is costed there by ``FlopCounterMode``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,47 @@ def _sdpa_pairs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     path, which materialises the N x N maps."""
     mask = None if bias is None else bias[None].to(q.dtype)
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale)[0]
+
+
+Index = slice | torch.Tensor  # rows or heads: a slice where they are contiguous, else an index tensor
+
+
+def _index(ids: list[int], device: torch.device) -> Index:
+    """``ids`` (ascending) as a slice when contiguous, else as an index tensor on ``device``."""
+    if ids[-1] - ids[0] == len(ids) - 1:
+        return slice(ids[0], ids[-1] + 1)
+    return torch.tensor(ids, device=device)
+
+
+def _read(t: torch.Tensor, rows: Index, heads: Index) -> torch.Tensor:
+    """``t[rows][:, heads]`` of a ``(B, H, ...)`` tensor: a view where both are slices."""
+    t = t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+    return t[:, heads] if isinstance(heads, slice) else t.index_select(1, heads)
+
+
+def _write(out: torch.Tensor, rows: Index, heads: Index, value: torch.Tensor) -> None:
+    """``out[rows][:, heads] = value`` in place."""
+    if isinstance(rows, slice):
+        out[rows][:, heads] = value
+    elif isinstance(heads, slice):
+        out[rows, heads] = value
+    else:
+        out[rows[:, None], heads] = value
+
+
+def _code_groups(codes: torch.Tensor) -> list[tuple[list[int], list[int]]]:
+    """``(rows, codes of each of them)`` for every distinct row of the ``(B, H)`` codes, in first-row order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for b, row in enumerate(codes.tolist()):
+        groups.setdefault(tuple(row), []).append(b)
+    return [(rows, list(row)) for row, rows in groups.items()]
+
+
+def _group_bias(bias: torch.Tensor | None, B: int, H: int, rows: Index, heads: Index) -> torch.Tensor | None:
+    """The score bias ``(B or 1, H or 1, N or 1, N)`` of the given rows and heads (broadcast dims kept)."""
+    if bias is None:
+        return None
+    return _read(bias, rows if bias.shape[0] == B else slice(None), heads if bias.shape[1] == H else slice(None))
 
 
 def _bias_rows(bias: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
@@ -109,12 +152,24 @@ def torch_perturbed_attention(
                 w = u.to(compute)[:, :, None, None]
                 out_bhnd.copy_(((1 - w) * attention.to(compute) + w * v.to(compute)).to(q.dtype))
             return out
-        b, h = _pairs(~attend, device)
-        out_bhnd[b, h] = v[b, h]
-        b, h = _pairs(attend, device)
-        if b.numel():
-            attention = _sdpa_pairs(q[b, h], k[b, h], v[b, h], scale, pair_bias(b, h))
-            out_bhnd[b, h] = blend(b, h, attention, v[b, h])
+        for row_ids, row_codes in _code_groups(codes):
+            rows = _index(row_ids, device)
+            identity = [h for h, c in enumerate(row_codes) if c == IDENTITY]
+            if identity:
+                heads = _index(identity, device)
+                _write(out_bhnd, rows, heads, _read(v, rows, heads))
+            if len(identity) == H:
+                continue
+            heads = _index([h for h, c in enumerate(row_codes) if c != IDENTITY], device)
+            v_g = _read(v, rows, heads)
+            mask = _group_bias(bias, B, H, rows, heads)
+            attention = F.scaled_dot_product_attention(
+                _read(q, rows, heads), _read(k, rows, heads), v_g, attn_mask=None if mask is None else mask.to(q.dtype),
+                scale=scale)
+            if SOFT in row_codes:
+                w = _read(u, rows, heads).to(compute)[:, :, None, None]
+                attention = ((1 - w) * attention.to(compute) + w * v_g.to(compute)).to(q.dtype)
+            _write(out_bhnd, rows, heads, attention)
         return out
 
     txt = slice(0, n_text) if text_first else slice(N - n_text, N)

@@ -25,6 +25,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 UType = Union[torch.Tensor, Real, Sequence]
 PlanType = Union[torch.Tensor, int, Sequence]
+_CODE_SET = frozenset(CODES)
 
 
 class AttentionShape(NamedTuple):
@@ -192,6 +193,19 @@ def _nested_ints(value) -> tuple[tuple[int, ...], list] | None:
     return (len(value), *inner), [x for _, flat in parts for x in flat]
 
 
+def _row_codes(plan, B: int, H: int) -> list[int] | None:
+    """The flat codes of a plan given as ``B`` rows of ``H`` Python ints in ``CODES`` (what headpag's guided layers
+    pass on every call), read in one pass; ``None`` for any other plan (:func:`given_codes` then reads it in full)."""
+    if not isinstance(plan, (list, tuple)) or len(plan) != B:
+        return None
+    if not all(isinstance(row, (list, tuple)) and len(row) == H for row in plan):
+        return None
+    flat = [c for row in plan for c in row]
+    if set(map(type, flat)) == {int} and _CODE_SET.issuperset(flat):
+        return flat
+    return None
+
+
 def given_codes(plan: PlanType, B: int, H: int) -> list[int]:
     """The caller-given codes (the ``plan=`` argument) as a flat row-major list of ``B * H`` PLAIN / SOFT /
     IDENTITY codes; ``plan`` broadcasts to ``(B, H)`` like ``u``.
@@ -200,6 +214,9 @@ def given_codes(plan: PlanType, B: int, H: int) -> list[int]:
     ``torch.compile(fullgraph=True)`` without graph breaks; a tensor (or array) must be read to the host first,
     which ``torch.compile`` cannot do without a graph break.
     """
+    flat = _row_codes(plan, B, H)
+    if flat is not None:
+        return flat
     nested = _nested_ints(plan)
     if nested is None:
         try:

@@ -4,7 +4,7 @@ which rows each forward-loop unit runs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -45,6 +45,17 @@ def layer_coefficients(layer: LayerInfo, head_sets: list[HeadSet], shape: CallSh
     return RowCoefficients(u.to(shape.device), codes, mode, n_text, text_first)
 
 
+class UnitRows(NamedTuple):
+    """The rows a forward-loop unit of a fused call runs: ``run`` (a slice of the call's rows where they are
+    contiguous, as they are unless HeadHunter's twins fork at different units, else an index tensor), ``count``
+    (how many), and ``gather``: for every row of the call, the row of the unit's output it takes (a twin that has not
+    forked yet copies its cond row)."""
+
+    run: slice | torch.Tensor
+    count: int
+    gather: torch.Tensor
+
+
 class CallState:
     """State of one guided denoiser call, read by the unit and attention hooks.
 
@@ -81,8 +92,8 @@ class CallState:
             return self.coefficients[layer]
         return self._subsets[(layer, self.running)]
 
-    def unit_rows(self, position: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """For the unit at ``position`` of a fused call: ``(rows to run, gather)``, or None when every row runs."""
+    def unit_rows(self, position: int) -> UnitRows | None:
+        """For the unit at ``position`` of a fused call: the rows it runs, or None when every row runs."""
         return self._unit_rows.get(position)
 
     def _run_rows(self, position: int) -> list[int]:
@@ -90,16 +101,17 @@ class CallState:
         n_base = self.layout.n_base
         return list(range(n_base)) + [n_base + j for j, fork in enumerate(self.fork_positions) if fork <= position]
 
-    def _rows_at(self, position: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        # ``gather`` maps every row of the full batch to a row of the unit's output: a twin that has not forked yet
-        # copies its cond row.
+    def _rows_at(self, position: int) -> UnitRows | None:
         forked = [j for j, fork in enumerate(self.fork_positions) if fork <= position]
         if len(forked) == len(self.fork_positions):
             return None
         n_base, cond = self.layout.n_base, self.layout.cond
         slot = {j: n_base + i for i, j in enumerate(forked)}
         gather = list(range(n_base)) + [slot.get(j, cond.start + j) for j in range(len(self.fork_positions))]
-        return torch.tensor(self._run_rows(position), device=self.device), torch.tensor(gather, device=self.device)
+        run = self._run_rows(position)
+        contiguous = run == list(range(run[0], run[0] + len(run)))
+        return UnitRows(slice(run[0], run[0] + len(run)) if contiguous else torch.tensor(run, device=self.device),
+                        len(run), torch.tensor(gather, device=self.device))
 
 
 def _subset(full: RowCoefficients, rows: list[int], frames: int = 1) -> RowCoefficients:

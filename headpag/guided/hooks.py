@@ -15,7 +15,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 
 from ..kernels import perturbed_attention_from_plan, reference_attention
 from .routing import LayerRoute, routed
-from .rows import bind, map_arguments, select_rows
+from .rows import Binder, map_arguments, select_rows
 
 if TYPE_CHECKING:
     from .session import GuidedSession
@@ -58,6 +58,7 @@ class UnitHook(ModelHook):
         self.session = session
         self.position = position
         self.row_args = row_args
+        self.bind = Binder()
 
     def new_forward(self, module, *args, **kwargs):
         forward = self.fn_ref.original_forward
@@ -65,15 +66,14 @@ class UnitHook(ModelHook):
         rows = call.unit_rows(self.position) if call is not None else None
         if rows is None:
             return forward(*args, **kwargs)
-        run, gather = rows
-        args, kwargs = map_arguments(bind(forward, args, kwargs), self.row_args,
-                                     lambda v: select_rows(v, call.n_rows, run, call.frames))
+        args, kwargs = map_arguments(self.bind(forward, args, kwargs), self.row_args,
+                                     lambda v: select_rows(v, call.n_rows, rows.run, call.frames))
         call.running = self.position
         try:
             out = forward(*args, **kwargs)
         finally:
             call.running = None
-        return select_rows(out, len(run), gather, call.frames)
+        return select_rows(out, rows.count, rows.gather, call.frames)
 
 
 class AttentionHook(ModelHook):

@@ -11,6 +11,7 @@ dim is the row count is treated as per row.
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -52,8 +53,10 @@ def widen(value: Any, layout: RowLayout, frames: int = 1) -> Any:
     return map_rows(value, layout.n_base, lambda t: torch.cat([t, t[layout.cond.start:layout.cond.stop]]), frames)
 
 
-def select_rows(value: Any, n: int, index: torch.Tensor, frames: int = 1) -> Any:
-    """Every per-row tensor of ``n`` rows, indexed by ``index`` (rows may repeat)."""
+def select_rows(value: Any, n: int, index: torch.Tensor | slice, frames: int = 1) -> Any:
+    """Every per-row tensor of ``n`` rows, indexed by ``index`` (rows may repeat); a ``slice`` takes a view."""
+    if isinstance(index, slice):
+        return map_rows(value, n, lambda t: t[index], frames)
     return map_rows(value, n, lambda t: t.index_select(0, index.to(t.device)), frames)
 
 
@@ -72,12 +75,42 @@ def take_rows(value: Any, n: int, rows: range, frames: int = 1) -> Any:
     return map_rows(value, n, lambda t: t[rows.start:rows.stop], frames)
 
 
+# inspect.signature of bound methods, per underlying function (a bound method is a new object at every access).
+_METHOD_SIGNATURES: "weakref.WeakKeyDictionary[Callable, inspect.Signature]" = weakref.WeakKeyDictionary()
+
+
+def signature_of(forward) -> inspect.Signature:
+    """``inspect.signature(forward)``, read once per function for bound methods (the denoiser's and the units'
+    forwards, called every step); other callables (hook wrappers) are read each time."""
+    func = getattr(forward, "__func__", None)
+    if func is None or getattr(forward, "__self__", None) is None:
+        return inspect.signature(forward)
+    signature = _METHOD_SIGNATURES.get(func)
+    if signature is None:
+        signature = _METHOD_SIGNATURES[func] = inspect.signature(forward)
+    return signature
+
+
 def bind(forward, args: tuple, kwargs: dict) -> inspect.BoundArguments:
     """The arguments of a call ``forward(*args, **kwargs)`` by name (``bound.arguments``); defaults not applied.
 
     ``forward`` is a bound method or a hook wrapper around one: its signature has no ``self``.
     """
-    return inspect.signature(forward).bind_partial(*args, **kwargs)
+    return signature_of(forward).bind_partial(*args, **kwargs)
+
+
+class Binder:
+    """:func:`bind` for calls of one forward, its signature read once (again only when the forward object changes:
+    diffusers rebuilds a hooked module's forward chain when hooks are added or removed)."""
+
+    def __init__(self):
+        self._forward = None
+        self._signature: inspect.Signature | None = None
+
+    def __call__(self, forward, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+        if forward is not self._forward:
+            self._signature, self._forward = signature_of(forward), forward
+        return self._signature.bind_partial(*args, **kwargs)
 
 
 def map_arguments(bound: inspect.BoundArguments, names: tuple[str, ...], fn: Callable[[Any], Any],
