@@ -447,7 +447,7 @@ def test_quick_refresh_section(tmp_path):
     section = result["refresh"]
     (sd3,) = section["flops"]["results"]
     whole = sd3["run_ratio"]["whole run"]
-    assert whole[1] == pytest.approx(sd3["step_ratio"]) and 1.0 < whole[4] < whole[2] < whole[1]
+    assert whole["1"] == pytest.approx(sd3["step_ratio"]) and 1.0 < whole["4"] < whole["2"] < whole["1"]
     assert set(section["cpu"]["seconds"]) == {"cfg only", "diffusers PAG (blocks 4, 6)", "fused refresh=1",
                                               "fused refresh=2", "fused refresh=4"}
     assert [r["refresh"] for r in section["digits"]["rows"]] == [1, 2, 3, 4]

@@ -58,7 +58,8 @@ def schedule_ratio(step_ratio: float, steps: int, interval: tuple[float, float],
 
 
 def run_flops(quick: bool = False) -> dict:
-    """Per model: the per-step counts and the run ratio to CFG only for every refresh and interval."""
+    """Per model: the per-step counts and the run ratio to CFG only for every interval and refresh (keyed by
+    ``str(k)``, as in the JSON)."""
     start = time.perf_counter()
     results = []
     for name, make_pipe, model_call, attr, cases, resolution, _ in full_size.models():
@@ -72,7 +73,7 @@ def run_flops(quick: bool = False) -> dict:
         call, n_base = case.get("call", model_call), case["n_base"]
         cfg, _ = meta_flops.count_variant(pipe, call, n_base, dict(kind="plain"))
         fused, _ = meta_flops.count_variant(pipe, call, n_base, dict(kind="fused", heads=heads))
-        ratios = {label: {k: schedule_ratio(fused / cfg, meta_flops.STEPS, interval, k) for k in REFRESH}
+        ratios = {label: {str(k): schedule_ratio(fused / cfg, meta_flops.STEPS, interval, k) for k in REFRESH}
                   for label, interval in INTERVALS.items()}
         results.append(dict(model=name, resolution=resolution, case=RUN_MODELS[name], heads=heads,
                             n_heads=len(heads.split(",")), step_flops=dict(cfg_only=cfg, fused=fused),
@@ -192,7 +193,7 @@ def format_run_flops(result: dict) -> str:
         f"{label}: refresh {k}" for label in result["intervals"] for k in result["refresh"]) + " |"
     lines = [head, "|" + "---|" * (3 + len(result["intervals"]) * len(result["refresh"]))]
     for r in result["results"]:
-        cells = [f"{r['run_ratio'][label][k]:.3f}x" for label in result["intervals"] for k in result["refresh"]]
+        cells = [f"{r['run_ratio'][label][str(k)]:.3f}x" for label in result["intervals"] for k in result["refresh"]]
         lines.append(f"| {r['model']} ({r['case']}) | {r['n_heads']} | {r['step_ratio']:.3f}x | " + " | ".join(cells)
                      + " |")
     return "\n".join(lines)
