@@ -14,6 +14,8 @@ Runs in worker processes without ``TRITON_INTERPRET`` (``triton.compile`` refuse
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import json
 import multiprocessing
 import os
@@ -66,6 +68,7 @@ class Result:
     async_copies: int = -1
     seconds: float = 0.0
     error: str = ""
+    cached: bool = False
 
     @property
     def failures(self) -> list[str]:
@@ -236,16 +239,48 @@ def format_summary(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def run(jobs: list[Job], workers: int) -> list[Result]:
+def cache_key(job: Job) -> str:
+    """The name of ``job``'s cached result: a hash of everything its compilation reads, namely the job, the
+    installed triton (its compiler and its ptxas / nvdisasm), the kernel source and the functions here that
+    compile and measure."""
+    import triton
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256(repr((asdict(job), triton.__version__)).encode())
+    with open(os.path.join(here, "triton_kernel.py"), "rb") as f:
+        digest.update(f.read())
+    for fn in (compile_one, _signature, _ptxas_report, _mma_count, _async_copies, _nvidia_tool):
+        digest.update(inspect.getsource(fn).encode())
+    return digest.hexdigest()[:32]
+
+
+def run(jobs: list[Job], workers: int, cache: str | None = None) -> list[Result]:
+    """Compiles ``jobs`` in ``workers`` processes. With a ``cache`` folder, a job whose :func:`cache_key` has a
+    result there is read back instead of compiled, and each new result is written there as it arrives."""
+    keys = [cache_key(job) for job in jobs] if cache else []
+    results: dict[int, Result] = {}
+    if cache:
+        os.makedirs(cache, exist_ok=True)
+        for i, key in enumerate(keys):
+            path = os.path.join(cache, f"{key}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    results[i] = Result(**json.load(f) | {"cached": True})
+    todo = [i for i in range(len(jobs)) if i not in results]
     env_before = os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated so it does not warn
     try:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            return list(pool.map(compile_one, jobs))
+            for i, result in zip(todo, pool.map(compile_one, [jobs[i] for i in todo])):
+                results[i] = result
+                if cache:
+                    with open(os.path.join(cache, f"{keys[i]}.json"), "w") as f:
+                        json.dump(asdict(result), f)
     finally:
         if env_before is not None:
             os.environ["TRITON_INTERPRET"] = env_before
+    return [results[i] for i in range(len(jobs))]
 
 
 def main(argv=None) -> int:
@@ -257,20 +292,23 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, nargs="+", default=list(COMPILED_HEAD_DIMS), help="head dims to compile")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--cache", metavar="DIR", help="reuse the results stored in DIR by an earlier run with the same "
+                        "triton, kernel source and config (and store the new ones there)")
     args = parser.parse_args(argv)
     for d in args.head_dim:
         padded_head_dim(d)
 
     jobs = all_jobs(args.arch, args.dtype, args.mode, args.head_dim, args.mask)
     start = time.perf_counter()
-    results = run(jobs, args.workers)
+    results = run(jobs, args.workers, args.cache)
     elapsed = time.perf_counter() - start
     print(format_table(results))
     print()
     print(format_summary(results))
     failed = [r for r in results if r.failures]
     print(
-        f"\n{len(results)} configs compiled in {elapsed:.0f} s with {args.workers} workers: "
+        f"\n{len(results)} configs compiled in {elapsed:.0f} s with {args.workers} workers"
+        f"{f' ({sum(r.cached for r in results)} read from the cache)' if args.cache else ''}: "
         f"{len(results) - len(failed)} ok, {len(failed)} failed; max registers "
         f"{max((r.registers for r in results), default=0)}, max shared memory {max((r.shared for r in results), default=0)} B"
     )

@@ -36,16 +36,18 @@ INTERPRETER_CONFIG = KernelConfig(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stage
 
 C = KernelConfig
 
-# Chosen with `python -m headpag.kernels.aot`: every config here compiles without register spills on its arch
-# (triton 3.9 / ptxas 12.x) with its key loop software-pipelined (two stages: the next K and V tiles load by
-# cp.async while the current ones are used). Joint mode keeps one fp32 accumulator of BLOCK_M x BLOCK_D; image mode
-# keeps two (full and perturbed softmax), hence its smaller tiles at large head dims.
+# Chosen with `python -m headpag.kernels.aot`: every config here compiles without register spills on its arch with
+# its key loop software-pipelined (two stages: the next K and V tiles load by cp.async while the current ones are
+# used), on each triton of the supported stacks (3.6 and 3.9; README "Supported stacks"), so one table serves both.
+# Joint mode keeps one fp32 accumulator of BLOCK_M x BLOCK_D; image mode keeps two (full and perturbed softmax),
+# hence its smaller tiles at large head dims.
 _SMALL_D_JOINT = (C(64, 64, 4, 2), C(128, 64, 8, 2), C(64, 64, 8, 2))
 _JOINT = {
     80: {16: (C(64, 64, 4, 2), C(128, 64, 8, 2)),  # M64-N64-w8 spills 4 bytes at head dim 16
          32: _SMALL_D_JOINT, 64: _SMALL_D_JOINT,
          128: (C(64, 64, 8, 2), C(128, 64, 8, 2)),
-         256: (C(32, 32, 8, 2), C(16, 16, 4, 2))},  # M32-N16-w4 spills 8 bytes at head dim 160
+         # M32-N16-w4 spills 8 bytes at head dim 160; M16-N16-w4 4 bytes there on triton 3.6 (kept for masks)
+         256: (C(32, 32, 8, 2),)},
     90: {16: _SMALL_D_JOINT, 32: _SMALL_D_JOINT, 64: _SMALL_D_JOINT,
          128: (C(64, 64, 8, 2),),  # M128-N64-w8 spills 4 bytes at head dims 72/80/96 on sm_90
          256: (C(32, 32, 8, 2), C(16, 16, 4, 2))},
@@ -55,7 +57,7 @@ _SMALL_D_IMAGE_90 = (C(64, 64, 8, 2), C(64, 64, 4, 2))
 _IMAGE = {
     80: {16: _SMALL_D_IMAGE_80, 32: _SMALL_D_IMAGE_80,
          64: (C(64, 64, 8, 2), C(128, 32, 8, 2)),  # M128-N64-w8 spills 96 bytes at head dim 40 (bf16)
-         128: (C(32, 32, 8, 2), C(64, 32, 8, 2), C(64, 16, 8, 2), C(32, 16, 4, 2)),
+         128: (C(32, 32, 8, 2), C(64, 16, 8, 2), C(32, 16, 4, 2)),  # M64-N32-w8 spills 4 bytes on triton 3.6
          256: (C(16, 16, 4, 2), C(32, 16, 8, 2))},  # M16-N16-w8 spills 20-30 bytes (bf16)
     90: {16: _SMALL_D_IMAGE_90, 32: _SMALL_D_IMAGE_90, 64: _SMALL_D_IMAGE_90,
          128: (C(32, 32, 8, 2),),
@@ -65,22 +67,30 @@ _IMAGE = {
 
 # Masked launches (BIAS_KIND 1: one mask bias per key, 2: one per query-key pair) load the bias tile too and need
 # more registers: the configs above minus those that spill with that mask, plus a replacement where none is left.
-_MASKED_SPILLS = {  # (arch, mode, block_d, bias kind) -> configs that spill there
+_MASKED_SPILLS = {  # (arch, mode, block_d, bias kind) -> configs that spill there (on triton 3.6 or 3.9)
     (80, "joint", 32, 2): {C(64, 64, 4, 2)},
+    (80, "joint", 64, 1): {C(64, 64, 4, 2)},
+    (80, "joint", 64, 2): {C(64, 64, 4, 2)},
     (80, "joint", 128, 2): {C(128, 64, 8, 2)},
+    (80, "joint", 256, 1): {C(32, 32, 8, 2)},
     (80, "joint", 256, 2): {C(32, 32, 8, 2)},
     (80, "image", 16, 1): {C(128, 32, 8, 2)},
     (80, "image", 16, 2): {C(128, 64, 8, 2), C(64, 64, 8, 2)},
     (80, "image", 32, 2): {C(128, 64, 8, 2), C(64, 64, 8, 2)},
+    (80, "image", 64, 1): {C(64, 64, 8, 2)},
     (80, "image", 64, 2): {C(128, 32, 8, 2), C(64, 64, 8, 2)},
-    (80, "image", 128, 1): {C(64, 32, 8, 2)},
-    (80, "image", 128, 2): {C(64, 32, 8, 2)},
     (90, "joint", 256, 1): {C(32, 32, 8, 2)},
     (90, "image", 16, 2): {C(64, 64, 4, 2)},
     (90, "image", 32, 2): {C(64, 64, 4, 2)},
     (90, "image", 64, 2): {C(64, 64, 4, 2)},
+    (90, "image", 256, 1): {C(16, 16, 8, 2)},
 }
-_MASKED_EXTRA = {(80, "image", 64, 2): (C(64, 32, 8, 2),)}
+_MASKED_EXTRA = {
+    (80, "joint", 256, 1): (C(16, 16, 4, 2),),
+    (80, "joint", 256, 2): (C(16, 16, 4, 2),),
+    (80, "image", 64, 2): (C(64, 32, 8, 2),),
+    (90, "image", 256, 1): (C(32, 16, 8, 2),),  # M16-N16-w4 spills 4-8 bytes at head dim 256 on triton 3.9
+}
 BIAS_KINDS = (0, 1, 2)
 
 

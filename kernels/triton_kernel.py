@@ -29,6 +29,9 @@ from .validation import logical_shape
 
 LOG2E = 1.0 / math.log(2.0)
 LOG2E_TL = tl.constexpr(LOG2E)
+#: Whether this process runs kernels in Triton's CPU interpreter; read once, as ``triton.jit`` decides at decoration
+#: time too. The compile check (``aot.py``) runs without the variable, so it compiles the GPU form of the key loop.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
@@ -81,6 +84,32 @@ def _own_key_bias(bias_base, rows, stride_bias_m, stride_bias_n, N, BIAS_KIND: t
 
 
 @triton.jit
+def _key_block(
+    start_n, q, k_base, v_base, stride_kn, stride_vn, N, qk_scale, full, pert,
+    offs_n, offs_d, dim_ok, STRIDE_MULTIPLE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    text_lo, text_hi, FULL: tl.constexpr, PERTURBED: tl.constexpr,
+    bias_base, offs_m, stride_bias_m, stride_bias_n, BIAS_KIND: tl.constexpr,
+):
+    """One key block of :func:`_attend_keys`: the keys ``[start_n, start_n + BLOCK_N)``. Returns both states."""
+    cols = start_n + offs_n
+    col_ok = cols < N
+    kt = tl.load(k_base + tl.multiple_of(cols[None, :] * stride_kn, [STRIDE_MULTIPLE, STRIDE_MULTIPLE]) + offs_d[:, None],
+                 mask=dim_ok[:, None] & col_ok[None, :], other=0.0)
+    v = tl.load(_row_tile(v_base, cols, stride_vn, offs_d, STRIDE_MULTIPLE), mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+    s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
+    if BIAS_KIND > 0:
+        s += _score_bias(bias_base, offs_m, cols, stride_bias_m, stride_bias_n, offs_m < N, col_ok, BIAS_KIND)
+    s = tl.where(col_ok[None, :], s, float("-inf"))
+    if FULL:
+        full = _softmax_step(s, v, full, INPUT_PRECISION)
+    if PERTURBED:
+        key_is_text = (cols >= text_lo) & (cols < text_hi)
+        s2 = tl.where(key_is_text[None, :], s, float("-inf"))
+        pert = _softmax_step(s2, v, pert, INPUT_PRECISION)
+    return full, pert
+
+
+@triton.jit
 def _attend_keys(
     q, k_base, v_base, stride_kn, stride_vn, N, qk_scale, full, pert, visits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, STRIDE_MULTIPLE: tl.constexpr,
@@ -96,24 +125,26 @@ def _attend_keys(
     offs_d = tl.arange(0, BLOCK_D)
     # Padding lanes of the head dim need a mask only when the head dim is not a power of two.
     dim_ok = offs_d < (HEAD_DIM if HEAD_DIM < BLOCK_D else 2 * BLOCK_D)
-    # Addresses are formed inside the loop: loop-carried pointer tiles cost registers (and spill).
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < N
-        kt = tl.load(k_base + tl.multiple_of(cols[None, :] * stride_kn, [STRIDE_MULTIPLE, STRIDE_MULTIPLE]) + offs_d[:, None],
-                     mask=dim_ok[:, None] & col_ok[None, :], other=0.0)
-        v = tl.load(_row_tile(v_base, cols, stride_vn, offs_d, STRIDE_MULTIPLE), mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale
-        if BIAS_KIND > 0:
-            s += _score_bias(bias_base, offs_m, cols, stride_bias_m, stride_bias_n, offs_m < N, col_ok, BIAS_KIND)
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        if FULL:
-            full = _softmax_step(s, v, full, INPUT_PRECISION)
-        if PERTURBED:
-            key_is_text = (cols >= text_lo) & (cols < text_hi)
-            s2 = tl.where(key_is_text[None, :], s, float("-inf"))
-            pert = _softmax_step(s2, v, pert, INPUT_PRECISION)
-        visits += 1
+    # Addresses are formed inside the loop (_key_block): loop-carried pointer tiles cost registers (and spill).
+    if INTERPRETED:
+        # The same blocks as the loop below. Triton's interpreter before 3.7 turns a runtime loop bound into an int
+        # with int() of a one-element array, which numpy >= 2.4 refuses; a while loop only compares the bounds.
+        start_n = lo
+        while start_n < hi:
+            full, pert = _key_block(
+                start_n, q, k_base, v_base, stride_kn, stride_vn, N, qk_scale, full, pert, offs_n, offs_d, dim_ok,
+                STRIDE_MULTIPLE, INPUT_PRECISION, text_lo, text_hi, FULL, PERTURBED,
+                bias_base, offs_m, stride_bias_m, stride_bias_n, BIAS_KIND)
+            visits += 1
+            start_n += BLOCK_N
+    else:
+        # A for loop over runtime bounds: the form Triton's software pipeliner takes (cp.async one block ahead).
+        for start_n in range(lo, hi, BLOCK_N):
+            full, pert = _key_block(
+                start_n, q, k_base, v_base, stride_kn, stride_vn, N, qk_scale, full, pert, offs_n, offs_d, dim_ok,
+                STRIDE_MULTIPLE, INPUT_PRECISION, text_lo, text_hi, FULL, PERTURBED,
+                bias_base, offs_m, stride_bias_m, stride_bias_n, BIAS_KIND)
+            visits += 1
     return full, pert, visits
 
 
