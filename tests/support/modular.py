@@ -24,50 +24,30 @@ from . import models_zimage as Z
 
 @dataclass(frozen=True)
 class ModularFamily:
-    """A family with a Modular pipeline: ``build()`` the standard pipeline, ``inputs(**kw)`` its call (``cfg``
-    keyword: the CFG scale, ``steps``), ``blocks`` the name of the Modular blocks class, ``heads`` to guide."""
+    """A family with a Modular pipeline: ``build()`` the standard pipeline, ``make_inputs`` its call maker (its CFG
+    scale keyword ``cfg_name``, default ``default_cfg``), ``blocks`` the name of the Modular blocks class, ``heads``
+    to guide."""
 
     build: Callable
-    inputs: Callable[..., dict]
+    make_inputs: Callable[..., dict]
     blocks: str
     heads: str
+    default_cfg: float
+    cfg_name: str = "cfg"
 
-
-def _sd3_inputs(cfg: float = 5.0, steps: int = 3) -> dict:
-    return M.sd3_inputs(cfg=cfg, steps=steps)
-
-
-def _sdxl_inputs(cfg: float = 5.0, steps: int = 3) -> dict:
-    return M.sdxl_inputs(cfg=cfg, steps=steps)
-
-
-def _klein_inputs(cfg: float = 4.0, steps: int = 3) -> dict:
-    return F2.klein_inputs(cfg=cfg, steps=steps)
-
-
-def _qwen_inputs(cfg: float = 4.0, steps: int = 3) -> dict:
-    return Q.inputs(true_cfg_scale=cfg, steps=steps)
-
-
-def _zimage_inputs(cfg: float = 4.0, steps: int = 3) -> dict:
-    return Z.zimage_inputs(cfg=cfg, steps=steps)
-
-
-def _wan_inputs(cfg: float = 5.0, steps: int = 3) -> dict:
-    return W.wan_inputs(cfg=cfg, steps=steps)
+    def inputs(self, cfg: float | None = None, steps: int = 3) -> dict:
+        """The standard pipeline's call with CFG scale ``cfg`` (default ``default_cfg``) and ``steps`` steps."""
+        return self.make_inputs(**{self.cfg_name: self.default_cfg if cfg is None else cfg}, steps=steps)
 
 
 FAMILIES: dict[str, ModularFamily] = {
-    "sd3": ModularFamily(M.sd3, _sd3_inputs, "StableDiffusion3AutoBlocks", "1:*,2:0"),
-    "sdxl": ModularFamily(M.sdxl, _sdxl_inputs, "StableDiffusionXLAutoBlocks", "1:1,2:*"),
-    "flux2-klein": ModularFamily(F2.klein, _klein_inputs, "Flux2KleinBaseAutoBlocks", "0:1,2:*"),
-    "qwenimage": ModularFamily(Q.pipeline, _qwen_inputs, "QwenImageAutoBlocks", "1:*"),
-    "zimage": ModularFamily(Z.zimage, _zimage_inputs, "ZImageAutoBlocks", "1:0,1:1"),
-    "wan": ModularFamily(W.wan, _wan_inputs, "WanBlocks", "1:*"),
+    "sd3": ModularFamily(M.sd3, M.sd3_inputs, "StableDiffusion3AutoBlocks", "1:*,2:0", 5.0),
+    "sdxl": ModularFamily(M.sdxl, M.sdxl_inputs, "StableDiffusionXLAutoBlocks", "1:1,2:*", 5.0),
+    "flux2-klein": ModularFamily(F2.klein, F2.klein_inputs, "Flux2KleinBaseAutoBlocks", "0:1,2:*", 4.0),
+    "qwenimage": ModularFamily(Q.pipeline, Q.inputs, "QwenImageAutoBlocks", "1:*", 4.0, "true_cfg_scale"),
+    "zimage": ModularFamily(Z.zimage, Z.zimage_inputs, "ZImageAutoBlocks", "1:0,1:1", 4.0),
+    "wan": ModularFamily(W.wan, W.wan_inputs, "WanBlocks", "1:*", 5.0),
 }
-
-# The standard pipelines' name of the CFG scale, where it is not guidance_scale.
-_CFG_NAME = {"qwenimage": "true_cfg_scale"}
 
 
 def modular(pipe, blocks: str):
@@ -89,7 +69,9 @@ def modular_call(inputs: dict) -> dict:
 
 
 def cfg_scale(family: str, inputs: dict) -> float:
-    return float(inputs[_CFG_NAME.get(family, "guidance_scale")])
+    """The CFG scale of a standard call ``inputs`` of ``family``."""
+    name = "true_cfg_scale" if FAMILIES[family].cfg_name == "true_cfg_scale" else "guidance_scale"
+    return float(inputs[name])
 
 
 def run_modular(mp, guider, inputs: dict, seed: int = 0) -> torch.Tensor:
