@@ -155,9 +155,11 @@ def test_viewable_upscales_small_images_only():
 # ------------------------------------------------------------------------------------------------------- Ctrl-C
 
 def test_ctrl_c_in_a_hunt_leaves_a_resumable_run_and_says_so(tmp_path):
-    (tmp_path / "p.txt").write_text("0\n1\n2\n")
+    # 24 candidates x 10 prompts, one image per call: long enough (seconds) that the SIGINT lands mid-run on a fast
+    # machine too (with 3 prompts in calls of 3 the hunt could end before the signal)
+    (tmp_path / "p.txt").write_text("".join(f"{d}\n" for d in range(10)))
     argv = [sys.executable, "-m", "headpag", "hunt", "--model", "digits", "--prompts", "p.txt", "--k", "1",
-            "--rounds", "1", "--steps", "4", "--batch-size", "3", "--out", "run", "--quiet"]
+            "--rounds", "1", "--steps", "16", "--batch-size", "1", "--out", "run", "--quiet"]
     proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     records = tmp_path / "run" / "records-rank0.jsonl"
     deadline = time.monotonic() + 120
@@ -177,7 +179,7 @@ def test_ctrl_c_in_a_hunt_leaves_a_resumable_run_and_says_so(tmp_path):
     done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=180, env=_env())
     assert done.returncode == 0, done.stderr
     images = int(re.search(r"images generated: (\d+)", done.stdout).group(1))
-    assert images == (24 - recorded) * 3  # the recorded candidates were not generated again
+    assert images == (24 - recorded) * 10  # the recorded candidates were not generated again
     assert (tmp_path / "run" / "heads.json").is_file()
 
 
