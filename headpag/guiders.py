@@ -151,7 +151,9 @@ class HeadPerturbedAttentionGuidance(BaseGuidance):
         self._perturbed_scale: float | None = None  # the PAG scale of this step, once its cond batch ran
         self._base_rows: int | None = None  # the rows of that batch (the twins' rows follow them)
         self._reusing = False  # this step reuses self._difference instead of running the twins
-        self._difference: tuple[int, torch.Tensor] | None = None  # (step, cond - perturbed) of the last twins
+        # (step, cond - perturbed, the denoiser that made it) of the last twins
+        self._difference: tuple[int, torch.Tensor, weakref.ref] | None = None
+        self._cond_denoiser: weakref.ref | None = None  # the denoiser of this step's cond batch
 
     # --- which batches, which steps ------------------------------------------------------------------------
     def prepare_inputs(self, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list:
@@ -214,8 +216,9 @@ class HeadPerturbedAttentionGuidance(BaseGuidance):
         scale = self.perturbed_scale()
         if self._count_prepared != 1 or scale <= 0:
             return
+        self._cond_denoiser = weakref.ref(denoiser)
         known = self._difference
-        if known is not None and 0 < self._step - known[0] < self.refresh:
+        if known is not None and known[2]() is denoiser and 0 < self._step - known[0] < self.refresh:
             self._perturbed_scale, self._reusing = scale, True
             return
         self._remove_session()
@@ -255,6 +258,13 @@ class HeadPerturbedAttentionGuidance(BaseGuidance):
         shift = None  # cond - perturbed
         if w is not None and self._reusing:
             shift = self._difference[1]
+            if shift.shape != pred_cond.shape:
+                raise RuntimeError(
+                    f"HeadPerturbedAttentionGuidance(refresh={self.refresh}): step {self._step} reuses the difference "
+                    f"of step {self._difference[0]}, of shape {tuple(shift.shape)}, but this step's cond prediction "
+                    f"has shape {tuple(pred_cond.shape)}: a new sampling run started right after the step of the "
+                    f"last one; use a new guider (guider.new()) per run, or refresh=1"
+                )
             pred_perturbed = pred_cond - shift
         elif w is not None:
             n = self._base_rows
@@ -267,7 +277,7 @@ class HeadPerturbedAttentionGuidance(BaseGuidance):
             pred_cond, pred_perturbed = pred_cond[:n], pred_cond[n:]
             shift = pred_cond - pred_perturbed
             if self.refresh > 1:
-                self._difference = (self._step, shift)
+                self._difference = (self._step, shift, self._cond_denoiser)
         cfg = self._is_cfg_enabled()
         if shift is None and not cfg:
             pred = pred_cond

@@ -291,3 +291,42 @@ def test_a_cond_batch_without_a_denoiser_call_raises():
     with pytest.raises(RuntimeError, match="made no call between prepare_models and cleanup_models"):
         guider.cleanup_models(pipe.transformer)
     assert checks.snapshot(pipe) == before
+
+
+def _cond_batch(guider, transformer, step: int, rows: int) -> torch.Tensor:
+    """One step of a CFG-off loop made by hand, as a Modular denoise block makes it: the guider's state, its one
+    batch, prepare_models, the denoiser call of ``rows`` rows, cleanup_models; returns the guided prediction."""
+    guider.set_state(step=step, num_inference_steps=STEPS + 1, timestep=torch.tensor(900.0 - 100 * step))
+    (batch,) = guider.prepare_inputs({"rows": torch.zeros(rows)})
+    guider.prepare_models(transformer)
+    g = torch.Generator().manual_seed(step)
+    batch.noise_pred = transformer(
+        hidden_states=torch.randn(rows, 4, 8, 8, generator=g), timestep=torch.full((rows,), 900.0 - 100 * step),
+        encoder_hidden_states=torch.randn(rows, 7, 32, generator=g), pooled_projections=torch.randn(rows, 16, generator=g),
+        return_dict=False)[0]
+    guider.cleanup_models(transformer)
+    return guider([batch]).pred
+
+
+def test_refresh_never_reuses_another_denoisers_difference():
+    """Two denoisers behind one guider (a pipeline switching transformers between steps): the second denoiser's
+    first PAG step runs its own twins instead of reusing the first denoiser's difference."""
+    first, second = M.sd3().transformer, M.sd3(seed=1).transformer
+    guider = _guider("1:*", 1.0, refresh=4)
+    attention = {"second": second.get_submodule("transformer_blocks.1.attn")}
+    with torch.no_grad(), checks.recorded_rows(attention) as rows:
+        _cond_batch(guider, first, 1, rows=1)
+        _cond_batch(guider, second, 2, rows=1)  # within refresh of step 1, but another denoiser
+        _cond_batch(guider, second, 3, rows=1)  # its own difference of step 2: reused
+    assert rows["second"] == [2, 1]  # the cond row and its twin at step 2; the cond row alone at step 3
+
+
+def test_refresh_refuses_a_difference_of_another_batch_shape():
+    """A new run that starts at the step after the last run's (so the guider cannot tell it is new) with another
+    batch size raises instead of broadcasting the old run's difference."""
+    transformer = M.sd3().transformer
+    guider = _guider("1:*", 1.0, refresh=4)
+    with torch.no_grad():
+        _cond_batch(guider, transformer, 1, rows=1)
+        with pytest.raises(RuntimeError, match="a new sampling run started right after"):
+            _cond_batch(guider, transformer, 2, rows=2)
