@@ -143,7 +143,10 @@ class HeadPerturbedAttentionGuidance(BaseGuidance):
         self.mode = mode
         self.adaptive_scale = check_scale(adaptive_scale, "adaptive_scale")
         self.guidance_rescale = _fraction(guidance_rescale, "guidance_rescale")
-        self.use_original_formulation = bool(use_original_formulation)
+        for name, flag in (("use_original_formulation", use_original_formulation), ("enabled", enabled)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
+        self.use_original_formulation = use_original_formulation
         self.execution = execution
         self.refresh = check_refresh(refresh)
         self._settings: weakref.WeakKeyDictionary[torch.nn.Module, Settings] = weakref.WeakKeyDictionary()

@@ -250,6 +250,8 @@ def test_saving_the_modular_pipeline_keeps_the_guider(tmp_path):
     (dict(heads="1:0", guidance_rescale=2.0), "guidance_rescale must be a number in [0, 1]"),
     (dict(heads="1:0", adaptive_scale=float("nan")), "adaptive_scale must be a finite number >= 0"),
     (dict(heads="{not json"), "heads looks like JSON"),
+    (dict(heads="1:0", use_original_formulation="no"), "use_original_formulation must be True or False"),
+    (dict(heads="1:0", enabled=1), "enabled must be True or False"),
 ])
 def test_bad_settings_are_refused_naming_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
