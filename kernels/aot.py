@@ -1,12 +1,12 @@
 """Compile check without a GPU: ``python -m headpag.kernels.aot``.
 
-Compiles every launch configuration of the fused kernel (``configs.py``) for sm_80 and sm_90, float16 and
-bfloat16, each head dim diffusers' models use, both modes and each attention-mask kind (none, per key, per
-query-key pair) with ``triton.compile`` and ``GPUTarget``, then
-reads the results: shared memory from triton's metadata, registers and spills from ``ptxas -v`` on the PTX,
-tensor-core instructions (HMMA / HGMMA) from ``nvdisasm`` on the cubin, and the asynchronous copies
-(``cp.async``) that show the key loop is software-pipelined. Prints a table and exits non-zero if any config
-fails to compile, spills, exceeds the target's shared memory or is not pipelined.
+Compiles every launch configuration of the fused kernel (``configs.py``) for sm_80, sm_90, sm_100 and sm_120,
+float16 and bfloat16, each head dim diffusers' models use, both modes and each attention-mask kind (none, per key,
+per query-key pair) with ``triton.compile`` and ``GPUTarget``, then reads the results: shared memory from triton's
+metadata, registers and spills from ``ptxas -v`` on the PTX, tensor-core instructions (HMMA; Hopper's HGMMA;
+Blackwell's tcgen05 UTCHMMA) from ``nvdisasm`` on the cubin, and the asynchronous copies (``cp.async``) that show
+the key loop is software-pipelined. Prints a table and exits non-zero if any config fails to compile, spills,
+exceeds the target's shared memory or is not pipelined.
 
 Runs in worker processes without ``TRITON_INTERPRET`` (``triton.compile`` refuses interpreted functions).
 """
@@ -31,8 +31,9 @@ from .configs import ARCHS, COMPILED_HEAD_DIMS, KernelConfig, configs_for, padde
 from .constants import MODES
 
 COMPILED_DTYPES = ("fp16", "bf16")  # triton's names of the element types compiled (validation.DTYPES: torch's)
-# Largest dynamic shared memory one block may use (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
-SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+# Largest dynamic shared memory one block may use (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) and B200 (sm_100)
+# 227 KiB, RTX 50 / RTX PRO Blackwell (sm_120) 99 KiB (CUDA programming guide, compute capabilities table).
+SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448, 100: 232448, 120: 101376}
 
 
 @dataclass(frozen=True)
@@ -126,15 +127,23 @@ def _ptxas_report(ptx: str) -> tuple[int, int, int]:
     return regs, int(spills.group(1)), int(spills.group(2))
 
 
+def mma_instructions(sass: str) -> tuple[int, str]:
+    """``(count, kind)`` of the tensor-core instructions in SASS text: Blackwell's tcgen05 MMAs (``UTCHMMA`` for
+    16-bit inputs), Hopper's warpgroup ``HGMMA`` or ``HMMA``; the first kind found in that order."""
+    for pattern in (r"UTC\w*MMA", r"HGMMA", r"HMMA"):
+        found = re.findall(rf"\b{pattern}\b", sass)
+        if found:
+            return len(found), "/".join(sorted(set(found)))
+    return 0, ""
+
+
 def _mma_count(cubin: bytes) -> tuple[int, str]:
-    """Tensor-core instructions in the SASS: HGMMA (Hopper warpgroup MMA) or HMMA."""
+    """Tensor-core instructions in the cubin's SASS (:func:`mma_instructions`)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         sass = subprocess.run([_nvidia_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
-    hgmma = len(re.findall(r"\bHGMMA\b", sass))
-    hmma = len(re.findall(r"\bHMMA\b", sass))
-    return (hgmma, "HGMMA") if hgmma else (hmma, "HMMA")
+    return mma_instructions(sass)
 
 
 def _async_copies(ptx: str) -> int:
@@ -249,7 +258,7 @@ def cache_key(job: Job) -> str:
     digest = hashlib.sha256(repr((asdict(job), triton.__version__)).encode())
     with open(os.path.join(here, "triton_kernel.py"), "rb") as f:
         digest.update(f.read())
-    for fn in (compile_one, _signature, _ptxas_report, _mma_count, _async_copies, _nvidia_tool):
+    for fn in (compile_one, _signature, _ptxas_report, mma_instructions, _mma_count, _async_copies, _nvidia_tool):
         digest.update(inspect.getsource(fn).encode())
     return digest.hexdigest()[:32]
 

@@ -1,5 +1,9 @@
 """Launch configurations of the fused kernel per (GPU arch, padded head dim, mode).
 
+Four tables: sm_80 (Ampere and Ada: ``mma.sync``), sm_90 (Hopper: ``wgmma``), sm_100 (datacenter Blackwell:
+``tcgen05`` with its accumulators in tensor memory) and sm_120 (consumer Blackwell: ``mma.sync``, 99 KiB of shared
+memory per block). Each arch uses the table of the largest of these at or below it (:func:`configs_for`).
+
 One table serves the autotuner (``triton_kernel.py``) and the ahead-of-time compile check (``aot.py``), so
 every config that can run on a GPU is compiled and checked for spills in CI. Pure data: imports neither
 torch nor triton.
@@ -11,7 +15,7 @@ from dataclasses import dataclass
 
 from .constants import MODES
 
-ARCHS = (80, 90)
+ARCHS = (80, 90, 100, 120)
 PADDED_HEAD_DIMS = (16, 32, 64, 128, 256)
 MAX_HEAD_DIM = PADDED_HEAD_DIMS[-1]
 # Head dims diffusers' models use (SD1.x 40/80/160, DiT/PixArt 72, SD3/Flux 64/128, ...) plus the small padded
@@ -64,6 +68,27 @@ _IMAGE = {
          256: (C(16, 16, 8, 2),)},  # M16-N16-w4 spills 8 bytes
 }
 
+# Blackwell. sm_100's tcgen05 MMAs keep their accumulators in tensor memory, so 128-row tiles fit in registers where
+# sm_90 spills (joint M128-N64-w8 at head dim 128: 180 registers, no spills); with four warps a 128-row tile spills
+# (M128-N64-w4 spill stores: 248 bytes at head dim 128 in joint mode, 1732 at head dim 64 in image mode). sm_120
+# issues the same mma.sync as sm_80 with 99 KiB of shared memory, so it starts from sm_80's tiles.
+_SMALL_D_JOINT_100 = (C(128, 128, 8, 2), C(128, 64, 8, 2), C(64, 64, 4, 2))
+_JOINT[100] = {16: _SMALL_D_JOINT_100, 32: _SMALL_D_JOINT_100, 64: _SMALL_D_JOINT_100,
+               128: (C(128, 64, 8, 2), C(128, 64, 8, 3)),  # M128-N128-w8: 240 registers
+               # M128-N32-w8 spills 16 bytes on triton 3.6, M128-N128-w8 52 and M64-N64-w4 32 on 3.9
+               256: (C(64, 64, 8, 2),)}
+_IMAGE[100] = {16: (C(64, 64, 8, 2), C(128, 32, 8, 2)),
+               32: (C(64, 64, 8, 2),),  # M128-N32-w8 spills 4 bytes on triton 3.6
+               64: (C(64, 64, 8, 2), C(128, 32, 8, 2)),
+               128: (C(64, 64, 8, 2), C(128, 32, 8, 2)),  # M128-N64-w8 spills 76 bytes at head dim 72
+               256: (C(32, 32, 8, 2),)}  # M16-N16-w4 spills 4 bytes at head dim 160
+_JOINT[120] = {**_JOINT[80],
+               32: (C(64, 64, 4, 2),),  # M128-N64-w8 and M64-N64-w8 spill 4-12 bytes on triton 3.6
+               256: (C(32, 32, 4, 2), C(32, 16, 8, 2))}  # M32-N32-w8 spills 4 bytes at head dim 160 on triton 3.6
+_IMAGE[120] = {**_IMAGE[80],
+               64: (C(128, 32, 8, 2), C(64, 32, 8, 2)),  # M64-N64-w8 spills 88 bytes
+               256: (C(32, 16, 8, 2),)}  # M16-N16-w4 spills 16 bytes on triton 3.6
+
 
 # Masked launches (BIAS_KIND 1: one mask bias per key, 2: one per query-key pair) load the bias tile too and need
 # more registers: the configs above minus those that spill with that mask, plus a replacement where none is left.
@@ -84,12 +109,27 @@ _MASKED_SPILLS = {  # (arch, mode, block_d, bias kind) -> configs that spill the
     (90, "image", 32, 2): {C(64, 64, 4, 2)},
     (90, "image", 64, 2): {C(64, 64, 4, 2)},
     (90, "image", 256, 1): {C(16, 16, 8, 2)},
+    (100, "joint", 16, 2): {C(128, 128, 8, 2)},
+    (100, "joint", 32, 2): {C(128, 128, 8, 2)},
+    (100, "joint", 64, 2): {C(128, 128, 8, 2)},
+    (100, "joint", 128, 1): {C(128, 64, 8, 3)},
+    (100, "image", 128, 2): {C(128, 32, 8, 2)},
+    (120, "joint", 32, 2): {C(64, 64, 4, 2)},
+    (120, "joint", 128, 1): {C(64, 64, 8, 2)},
+    (120, "joint", 128, 2): {C(128, 64, 8, 2), C(64, 64, 8, 2)},
+    (120, "image", 16, 2): {C(128, 64, 8, 2), C(64, 64, 8, 2)},
+    (120, "image", 32, 2): {C(128, 64, 8, 2), C(64, 64, 8, 2)},
+    (120, "image", 64, 2): {C(128, 32, 8, 2), C(64, 32, 8, 2)},
+    (120, "image", 128, 2): {C(64, 16, 8, 2)},
 }
 _MASKED_EXTRA = {
     (80, "joint", 256, 1): (C(16, 16, 4, 2),),
     (80, "joint", 256, 2): (C(16, 16, 4, 2),),
     (80, "image", 64, 2): (C(64, 32, 8, 2),),
     (90, "image", 256, 1): (C(32, 16, 8, 2),),  # M16-N16-w4 spills 4-8 bytes at head dim 256 on triton 3.9
+    (120, "joint", 32, 2): (C(64, 32, 4, 2),),
+    (120, "joint", 128, 2): (C(32, 32, 8, 2),),  # M64-N32-w8 spills 16 bytes there on triton 3.6
+    (120, "image", 64, 2): (C(32, 32, 8, 2),),  # M64-N32-w4 spills 124-128 bytes there
 }
 BIAS_KINDS = (0, 1, 2)
 
@@ -102,8 +142,9 @@ def padded_head_dim(D: int) -> int:
 
 
 def configs_for(arch: int, block_d: int, mode: str, bias_kind: int = 0) -> tuple[KernelConfig, ...]:
-    """Autotuning candidates for compute capability ``arch`` (e.g. 80 Ampere, 86/89 use the sm_80 table, 90
-    and newer the sm_90 one), a padded head dim, a mode and the kernel's ``BIAS_KIND`` (0: no mask)."""
+    """Autotuning candidates for compute capability ``arch``, a padded head dim, a mode and the kernel's
+    ``BIAS_KIND`` (0: no mask). ``arch`` takes the table of the largest of :data:`ARCHS` at or below it: 86 / 89
+    (Ampere, Ada) sm_80's, 90 sm_90's, 100 / 103 / 110 sm_100's, 120 / 121 sm_120's; below 80, sm_80's."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if bias_kind not in BIAS_KINDS:
