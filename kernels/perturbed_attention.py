@@ -41,8 +41,7 @@ def perturbed_attention_impl(
     kwargs = dict(layout=layout, mode=mode, n_text=n_text, text_first=text_first, scale=scale, bias=bias)
     if backend == "triton":
         return triton_kernel.triton_perturbed_attention(q, k, v, u, **kwargs)
-    codes_t = torch.tensor(codes, dtype=torch.int8).view(u.shape)
-    return torch_perturbed_attention(q, k, v, u, codes_t, **kwargs)
+    return torch_perturbed_attention(q, k, v, u, codes, **kwargs)
 
 
 _perturbed_attention_op = torch.library.custom_op("headpag::perturbed_attention", perturbed_attention_impl,

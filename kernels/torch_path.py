@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .constants import IDENTITY, PLAIN, SOFT
+from .constants import IDENTITY, SOFT
 
 
 def _pairs(keep: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,11 +57,12 @@ def _write(out: torch.Tensor, rows: Index, heads: Index, value: torch.Tensor) ->
         out[rows[:, None], heads] = value
 
 
-def _code_groups(codes: torch.Tensor) -> list[tuple[list[int], list[int]]]:
-    """``(rows, codes of each of them)`` for every distinct row of the ``(B, H)`` codes, in first-row order."""
+def _code_groups(codes: list[int], H: int) -> list[tuple[list[int], list[int]]]:
+    """``(rows, codes of each of them)`` for every distinct row of the flat row-major ``(B, H)`` codes, in first-row
+    order."""
     groups: dict[tuple[int, ...], list[int]] = {}
-    for b, row in enumerate(codes.tolist()):
-        groups.setdefault(tuple(row), []).append(b)
+    for b in range(len(codes) // H):
+        groups.setdefault(tuple(codes[b * H:(b + 1) * H]), []).append(b)
     return [(rows, list(row)) for row, rows in groups.items()]
 
 
@@ -109,7 +110,7 @@ def torch_perturbed_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     u: torch.Tensor,
-    codes: torch.Tensor,
+    codes: list[int],
     *,
     layout: str,
     mode: str,
@@ -118,8 +119,8 @@ def torch_perturbed_attention(
     scale: float,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Validated inputs; ``u`` float32 ``(B, H)`` on q's device, ``codes`` int8 ``(B, H)`` on the CPU, ``bias`` the
-    float32 additive score bias ``(B or 1, H or 1, N or 1, N)`` of the attention mask, or None.
+    """Validated inputs; ``u`` float32 ``(B, H)`` on q's device, ``codes`` the flat row-major ``B * H`` codes (Python
+    ints), ``bias`` the float32 additive score bias ``(B or 1, H or 1, N or 1, N)`` of the attention mask, or None.
 
     Returns the output in q's layout, contiguous, q's dtype.
     """
@@ -134,8 +135,6 @@ def torch_perturbed_attention(
     def pair_bias(b, h):
         return None if bias is None else bias.expand(B, H, -1, -1)[b, h]
 
-    attend = codes != IDENTITY
-
     compute = torch.promote_types(q.dtype, torch.float32)
 
     def blend(b, h, attention, identity_term):
@@ -143,16 +142,16 @@ def torch_perturbed_attention(
         return ((1 - w) * attention.to(compute) + w * identity_term.to(compute)).to(q.dtype)
 
     if mode == "joint":
-        if bool(attend.all()):
+        if IDENTITY not in codes:
             mask = None if bias is None else bias.to(q.dtype)
             attention = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-            if bool((codes == PLAIN).all()):
+            if SOFT not in codes:
                 out_bhnd.copy_(attention)
             else:
                 w = u.to(compute)[:, :, None, None]
                 out_bhnd.copy_(((1 - w) * attention.to(compute) + w * v.to(compute)).to(q.dtype))
             return out
-        for row_ids, row_codes in _code_groups(codes):
+        for row_ids, row_codes in _code_groups(codes, H):
             rows = _index(row_ids, device)
             identity = [h for h, c in enumerate(row_codes) if c == IDENTITY]
             if identity:
@@ -172,6 +171,8 @@ def torch_perturbed_attention(
             _write(out_bhnd, rows, heads, attention)
         return out
 
+    code_of = torch.tensor(codes, dtype=torch.int8).view(B, H)
+    attend = code_of != IDENTITY
     txt = slice(0, n_text) if text_first else slice(N - n_text, N)
     img = slice(n_text, N) if text_first else slice(0, N - n_text)
     # Pairs that need the full map A on every query row.
@@ -184,7 +185,7 @@ def torch_perturbed_attention(
         out_bhnd[b, h, txt] = _sdpa_pairs(q[b, h, txt], k[b, h], v[b, h], scale, _bias_rows(pair_bias(b, h), txt))
     # Perturbed image rows: identity pairs take P v, soft pairs blend it with A v.
     for code in (IDENTITY, SOFT):
-        b, h = _pairs(codes == code, device)
+        b, h = _pairs(code_of == code, device)
         if b.numel() and N - n_text:
             perturbed = _perturbed_image_rows(q[b, h, img], k[b, h, img], v[b, h, img], k[b, h, txt], v[b, h, txt],
                                               scale, pair_bias(b, h), img, txt)
