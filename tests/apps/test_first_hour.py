@@ -160,7 +160,10 @@ def test_ctrl_c_in_a_hunt_leaves_a_resumable_run_and_says_so(tmp_path):
     (tmp_path / "p.txt").write_text("".join(f"{d}\n" for d in range(10)))
     argv = [sys.executable, "-m", "headpag", "hunt", "--model", "digits", "--prompts", "p.txt", "--k", "1",
             "--rounds", "1", "--steps", "16", "--batch-size", "1", "--out", "run", "--quiet"]
-    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    # SIGINT as a terminal delivers it: a runner started in the background (`cmd &` in a script) hands its children
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     records = tmp_path / "run" / "records-rank0.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
