@@ -10,11 +10,13 @@ from __future__ import annotations
 import pytest
 
 from headpag.apps.benchmarks import machine
+from headpag.apps.host_memory import keep_freed_memory
 
 _LOAD_AT_START: list[float] = []
 
 
 def pytest_sessionstart(session):
+    keep_freed_memory()  # as `headpag bench` does (headpag/apps/host_memory.py)
     _LOAD_AT_START[:] = machine.load_average()
 
 

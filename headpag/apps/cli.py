@@ -18,6 +18,8 @@ import re
 import sys
 from pathlib import Path
 
+from .host_memory import keep_freed_memory
+
 # headpag.kernels.MODES, spelled out so that building the parser imports no torch (a test checks they agree).
 MODES = ("joint", "image")
 # The embedded model's name for --model, and its objective (the default objective with --model digits).
@@ -667,6 +669,7 @@ def main(argv=None) -> int:
     argparse does for bad options); Ctrl-C prints one line and returns 130; with ``--debug`` either is raised with
     its traceback instead."""
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # before any tensor exists (host_memory.py says why)
     try:
         return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (hunt says how to resume)

@@ -113,3 +113,28 @@ def test_compare_runs_every_variant_under_every_code(model):
         call_overhead.compare(model, variants=["nope"], repeats=1)
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         call_overhead.compare(model, repeats=0)
+
+
+def test_a_refresh_variant_runs_with_its_refresh_and_is_not_counted(model):
+    from headpag.guided.session import session_of
+
+    v = variant(model, "fused-heads")
+    reused = call_overhead.Variant("fused-heads refresh=2", v.kind, v.heads, v.mode, refresh=2)
+    with call_overhead.activated(model, reused):
+        assert session_of(model.pipe).settings.refresh == 2
+    with call_overhead.activated(model, v):
+        assert session_of(model.pipe).settings.refresh == 1
+    tiny = call_overhead.Model(model.name, model.pipe, None, model.call, (v, reused), steps=model.steps,
+                               pag_scale=model.pag_scale)
+    rows = {r["variant"]: r for r in call_overhead.compare(tiny, repeats=1)}
+    assert rows["fused-heads"]["ops_per_step"] > 0 and "ops_per_step" not in rows["fused-heads refresh=2"]
+
+
+def test_the_digits_model_measures_the_demos_refresh_rows():
+    from headpag.apps.demo import REFRESH_ROWS
+
+    names = {v.name: v for v in call_overhead.digits_model(seeds=1, steps=2).variants}
+    for k in REFRESH_ROWS:
+        for kind in ("fused", "eager"):
+            v = names[f"{kind} hunted refresh={k}"]
+            assert (v.kind, v.heads, v.refresh) == (kind, names["fused hunted"].heads, k)

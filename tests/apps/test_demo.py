@@ -36,7 +36,7 @@ def test_demo_options_reach_the_configuration(monkeypatch, quick):
         argv += [f"--{name.replace('_', '-')}", str(value)]
     with pytest.raises(_Configured) as got:
         main(argv)
-    assert got.value.args[0] == demo.DemoConfig(**given, timing_repeats=1 if quick else 2)
+    assert got.value.args[0] == demo.DemoConfig(**given, timing_repeats=1 if quick else 5)
 
     with pytest.raises(_Configured) as got:
         main(["demo", "--debug", *(["--quick"] if quick else []), "--steps", "9"])

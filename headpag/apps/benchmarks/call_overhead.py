@@ -104,8 +104,9 @@ def count_ops_per_step(call: Callable[[int], Any], steps: int = 1) -> OpsPerStep
 
 @dataclass(frozen=True)
 class Variant:
-    """One way of running a step: ``kind`` "plain" (the pipeline as it is), "fused" / "eager" (headpag on ``heads``)
-    or "diffusers" (diffusers' PAG pipeline); ``guidance_scale`` the CFG scale of the call (None: the model's)."""
+    """One way of running a step: ``kind`` "plain" (the pipeline as it is), "fused" / "eager" (headpag on ``heads``,
+    with ``refresh``) or "diffusers" (diffusers' PAG pipeline); ``guidance_scale`` the CFG scale of the call (None:
+    the model's). Operators are counted for ``refresh == 1`` only (with reuse, steps differ)."""
 
     name: str
     kind: str
@@ -113,6 +114,7 @@ class Variant:
     mode: str = "joint"
     u: float | None = None
     guidance_scale: float | None = None
+    refresh: int = 1
 
 
 @dataclass
@@ -149,8 +151,8 @@ def sd3_model(setting: guided_step.Setting | None = None) -> Model:
 def digits_model(seeds: int = 8, steps: int = 16) -> Model:
     """The embedded digits pipeline as ``headpag demo`` runs it: ``seeds`` x 10 digits per call, PAG scale 3, CFG off
     on the PAG rows; the demo's head sets (layers 2, 3; heads 1:1,2:0,3:3; SoftPAG u=0.5 on the layers; the heads
-    its README run hunted) and its baselines (no guidance; CFG s=2)."""
-    from ..demo import DemoConfig
+    its README run hunted, also with its refresh rows) and its baselines (no guidance; CFG s=2)."""
+    from ..demo import REFRESH_ROWS, DemoConfig
     from ..digits import load_pipeline
 
     cfg = DemoConfig()
@@ -169,6 +171,8 @@ def digits_model(seeds: int = 8, steps: int = 16) -> Model:
     variants = [Variant("none", "plain"), Variant(f"cfg s={cfg.cfg:g}", "plain", guidance_scale=cfg.cfg)]
     for name, heads, u in sets:
         variants += [Variant(f"fused {name}", "fused", heads, cfg.mode, u), Variant(f"eager {name}", "eager", heads, cfg.mode, u)]
+    for k in REFRESH_ROWS:
+        variants += [Variant(f"{kind} hunted refresh={k}", kind, sets[-1][1], cfg.mode, refresh=k) for kind in ("fused", "eager")]
     return Model("digits", pipe, None, call, tuple(variants), steps=steps, pag_scale=cfg.scale)
 
 
@@ -187,7 +191,7 @@ def activated(model: Model, variant: Variant):
         raise ValueError(f"variant {variant.name}: kind must be one of plain, fused, eager, diffusers; got {variant.kind!r}")
     if variant.kind != "plain":
         enable = headpag.enable_fused if variant.kind == "fused" else headpag.enable_eager
-        enable(model.pipe, variant.heads, scale=model.pag_scale, mode=variant.mode, u=variant.u)
+        enable(model.pipe, variant.heads, scale=model.pag_scale, mode=variant.mode, u=variant.u, refresh=variant.refresh)
     try:
         yield lambda n: model.call(model.pipe, n, variant.guidance_scale)
     finally:
@@ -232,7 +236,7 @@ def compare(model: Model | str, variants: Sequence[str] | None = None, repeats: 
                                 start, cpu_start = time.perf_counter(), time.process_time()
                                 step(model.steps)
                                 seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-                                if round_ == 0 and count:
+                                if round_ == 0 and count and v.refresh == 1:
                                     per_step = count_ops_per_step(step)
                                     results[(c, v.name)].update(ops_per_step=per_step.ops, inner_ops_per_step=per_step.inner,
                                                                 headpag_ops_per_step=per_step.headpag_ops)
