@@ -34,6 +34,9 @@ COMPILED_DTYPES = ("fp16", "bf16")  # triton's names of the element types compil
 # Largest dynamic shared memory one block may use (bytes): A100 (sm_80) 163 KiB, H100 (sm_90) and B200 (sm_100)
 # 227 KiB, RTX 50 / RTX PRO Blackwell (sm_120) 99 KiB (CUDA programming guide, compute capabilities table).
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448, 100: 232448, 120: 101376}
+# The MMA a tile of 64 rows or more must use on these targets (smaller tiles fall back to HMMA): Hopper's warpgroup
+# MMA, Blackwell's tcgen05.
+EXPECTED_MMA = {90: "HGMMA", 100: "UTCHMMA"}
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,9 @@ class Result:
             problems.append(f"shared memory {self.shared} > {SHARED_MEMORY_LIMIT[self.arch]}")
         if self.mma <= 0:
             problems.append("no tensor-core instructions")
+        expected = EXPECTED_MMA.get(self.arch)
+        if self.mma > 0 and expected and int(re.match(r"M(\d+)", self.config).group(1)) >= 64 and self.mma_kind != expected:
+            problems.append(f"{self.mma_kind} where a {self.config.split('-')[0][1:]}-row tile on sm_{self.arch} uses {expected}")
         if self.async_copies <= 0:
             problems.append("key loop not software-pipelined (no cp.async in the PTX)")
         return problems

@@ -130,6 +130,8 @@ def torch_perturbed_attention(
     else:
         out_bhnd = out
     B, H, N, _ = q.shape
+    if len(codes) != B * H:
+        raise ValueError(f"codes must hold B * H = {B * H} entries (row-major), got {len(codes)}")
     device = q.device
 
     def pair_bias(b, h):

@@ -669,7 +669,7 @@ def main(argv=None) -> int:
     argparse does for bad options); Ctrl-C prints one line and returns 130; with ``--debug`` either is raised with
     its traceback instead."""
     args = build_parser().parse_args(argv)
-    keep_freed_memory()  # before any tensor exists (host_memory.py says why)
+    keep_freed_memory()  # glibc keeps freed host memory (host_memory.py says why)
     try:
         return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (hunt says how to resume)

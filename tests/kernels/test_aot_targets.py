@@ -54,7 +54,7 @@ def test_a_blackwell_result_over_its_shared_memory_fails():
     result = aot.Result(120, "fp16", "joint", 64, 64, "M128-N64-w8-s2", ok=True, shared=aot.SHARED_MEMORY_LIMIT[120] + 1,
                         registers=128, spill_stores=0, spill_loads=0, mma=64, mma_kind="HMMA", async_copies=16)
     assert result.failures == [f"shared memory {aot.SHARED_MEMORY_LIMIT[120] + 1} > 101376"]
-    assert aot.Result(**{**result.__dict__, "arch": 100}).failures == []
+    assert aot.Result(**{**result.__dict__, "arch": 100, "mma_kind": "UTCHMMA"}).failures == []
 
 
 def test_blackwell_targets_tune_from_their_own_tables():
@@ -64,3 +64,14 @@ def test_blackwell_targets_tune_from_their_own_tables():
     # sm_120: sm_80's image tile M64-N64-w8 spills 88 bytes at head dims 40 / 64 there.
     assert KernelConfig(64, 64, 8, 2) in configs_for(80, 64, "image")
     assert KernelConfig(64, 64, 8, 2) not in configs_for(120, 64, "image")
+
+
+@pytest.mark.parametrize("arch, config, kind, ok", [
+    (100, "M128-N64-w8-s2", "UTCHMMA", True), (100, "M128-N64-w8-s2", "HMMA", False),
+    (100, "M32-N32-w8-s2", "HMMA", True), (90, "M64-N64-w4-s2", "HGMMA", True), (90, "M64-N64-w4-s2", "HMMA", False),
+    (90, "M32-N32-w8-s2", "HMMA", True), (80, "M128-N64-w8-s2", "HMMA", True), (120, "M128-N64-w8-s2", "HMMA", True),
+])
+def test_a_large_tile_without_its_targets_mma_fails(arch, config, kind, ok):
+    result = aot.Result(arch, "fp16", "joint", 64, 64, config, ok=True, shared=32768, registers=128, spill_stores=0,
+                        spill_loads=0, mma=16, mma_kind=kind, async_copies=16)
+    assert (result.failures == []) is ok, result.failures

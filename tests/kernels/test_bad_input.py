@@ -260,3 +260,12 @@ def test_plan_forms_broadcast_alike(qkv):
         assert torch.equal(perturbed_attention(*qkv, rows, plan=plan, backend="torch"), perturbed_attention(*qkv, rows, backend="torch"))
     with pytest.raises(ValueError, match=r"^plan contradicts u at \(row, head\) = \(1, 0\)"):
         perturbed_attention(*qkv, rows, plan=[[1], [1]])
+
+
+def test_the_op_refuses_codes_of_another_length():
+    """The registered op called directly (no public-entry validation): a wrong number of codes raises rather than
+    leaving rows of the output unwritten."""
+    q, k, v = (torch.randn(2, 3, 8, 16) for _ in range(3))
+    u = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"codes must hold B \* H = 6 entries"):
+        torch.ops.headpag.perturbed_attention(q, k, v, u, [0] * 5, "bhnd", "joint", 0, False, 0.25, "torch")

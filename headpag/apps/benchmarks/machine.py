@@ -64,7 +64,7 @@ def machine_info() -> dict:
         cuda_runtime=torch.version.cuda, torch=torch.__version__, triton=triton_version,
         diffusers=diffusers.__version__, python=platform.python_version(), platform=platform.platform(),
         triton_interpret=os.environ.get("TRITON_INTERPRET", ""), load_average=load_average(),
-        host_allocator=host_memory.state or "glibc defaults",
+        host_allocator=host_memory.state or "not set by headpag",
     )
 
 
