@@ -166,13 +166,14 @@ def digits_model(seeds: int = 8, steps: int = 16) -> Model:
                     guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale).images
 
     layers = ",".join(f"{int(t)}:*" for t in cfg.layers.split(","))
+    hunted = "0:0,2:3,3:3,5:1"
     sets = (("layer-pag", layers, None), ("head-pag", cfg.heads, None), ("softpag", layers, cfg.u),
-            ("hunted", "0:0,2:3,3:3,5:1", None))
+            ("hunted", hunted, None))
     variants = [Variant("none", "plain"), Variant(f"cfg s={cfg.cfg:g}", "plain", guidance_scale=cfg.cfg)]
     for name, heads, u in sets:
         variants += [Variant(f"fused {name}", "fused", heads, cfg.mode, u), Variant(f"eager {name}", "eager", heads, cfg.mode, u)]
     for k in REFRESH_ROWS:
-        variants += [Variant(f"{kind} hunted refresh={k}", kind, sets[-1][1], cfg.mode, refresh=k) for kind in ("fused", "eager")]
+        variants += [Variant(f"{kind} hunted refresh={k}", kind, hunted, cfg.mode, refresh=k) for kind in ("fused", "eager")]
     return Model("digits", pipe, None, call, tuple(variants), steps=steps, pag_scale=cfg.scale)
 
 
